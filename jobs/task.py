@@ -1,0 +1,229 @@
+"""One unit of work: load a checkpoint, convert it, measure it, publish the artifact.
+
+``convert_unit`` is plain Python (tests call it directly); ``convert_task`` is the Ray remote
+wrapper that pins torch's threads to the task's CPUs and counts attempts. A task receives paths and
+small settings, never a model; a calibration table shared by many tasks arrives as an object-store
+reference. Any error becomes a ``failed`` row, except transient store errors, which are raised so
+Ray retries the task.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import tempfile
+import time
+import warnings
+
+import ray
+import torch
+
+import quantizer
+from jobs.manifest import blank_row, now_iso
+from jobs.plan import ARTIFACT_FILE
+from jobs.store import Store, StoreError, TransientStoreError, redact_text, redact_uri
+
+FIDELITY_ROWS = 64            # held-out rows for SQNR / top-1 agreement
+LATENCY_BUDGET_S = 3.0        # per model and precision; fp16 on a CPU is slow, so it is bounded
+RETRY_EXCEPTIONS = [TransientStoreError, ConnectionError, TimeoutError]
+
+
+def convert_unit(payload: dict, table=None) -> dict:
+    """Convert one (model, precision) and publish it; return its manifest row.
+
+    Args:
+        payload: the unit's settings (see ``jobs.driver.payload_of``).
+        table: the calibration ``pyarrow.Table`` when the driver shared it, else None (the
+            task reads only the rows it needs from ``payload["calibration"]["data"]``).
+
+    Raises:
+        TransientStoreError: the store failed in a way worth retrying (Ray retries the task).
+    """
+    started, t0 = now_iso(), time.perf_counter()
+    row = blank_row(
+        name=payload["name"], precision=payload["precision"], backend=payload["backend"],
+        key=payload["key"], run_id=payload["run_id"], source_uri=redact_uri(payload["checkpoint"]),
+        source_sha256=payload.get("source_sha256"), source_bytes=payload.get("source_bytes"),
+        factory=payload["factory"], observer=payload["observer"], node=socket.gethostname(),
+        started_at=started, torch_version=torch.__version__,
+        quantizer_version=quantizer.__version__, attempts=payload.get("attempt", 1))
+    try:
+        row.update(_convert_and_publish(payload, table))
+        row["status"] = "ok"
+    except (TransientStoreError, ConnectionError, TimeoutError):
+        raise
+    except MemoryError as e:
+        row.update(status="failed", error_type="OutOfMemory",
+                   error_message=f"ran out of memory converting {payload['name']}: {e}")
+    except Exception as e:  # one bad model never sinks the batch
+        row.update(status="failed", error_type=type(e).__name__,
+                   error_message=redact_text(str(e)) or repr(e))
+    row.update(finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3))
+    return row
+
+
+def _convert_and_publish(p: dict, table) -> dict:
+    model = quantizer.load_model(p["factory"], p["checkpoint"], kwargs=p["kwargs"],
+                                 allow_pickle=p["allow_pickle"])
+    calib, held_out, heldout_note = _split_data(p, table)
+    out: dict = {"params": sum(t.numel() for t in model.parameters())}
+    out["fp32_bytes"] = _state_bytes(model)
+    if p["precision"] == "fp16":
+        converted = quantizer.to_fp16(model)
+        out["calibration_batches"] = 0
+    else:
+        converted, used = _to_int8(model, calib, p)
+        out["calibration_batches"] = used
+    out["quantized_fraction"] = _quantized_fraction(p["precision"], converted, model)
+    if held_out is not None:
+        out.update(_measure(model, converted, held_out, p["precision"]))
+    out["notes"] = heldout_note
+    _check_gates(p, out)
+    out.update(_publish(p, converted, held_out, out))
+    return out
+
+
+def _split_data(p: dict, table):
+    """Calibration batches first, then held-out rows for fidelity (or a note saying why not)."""
+    cal = p["calibration"]
+    if not cal.get("data"):
+        return None, None, "no calibration data: fidelity and latency not measured"
+    n_cal = cal["batches"] * cal["batch_size"]
+    if table is None:
+        table = quantizer.calibration.read_table(
+            cal["data"], shape=cal.get("shape"), max_rows=n_cal + FIDELITY_ROWS)
+    if table.num_rows > n_cal:
+        eval_table, note = table.slice(n_cal, FIDELITY_ROWS), None
+    else:
+        eval_table = table.slice(0, FIDELITY_ROWS)
+        note = (f"only {table.num_rows} calibration rows: fidelity measured on calibration "
+                f"rows, not held-out ones")
+    calib = quantizer.CalibrationData.from_table(table.slice(0, n_cal), cal["batch_size"],
+                                                 source=redact_uri(cal["data"]))
+    held_out = next(iter(quantizer.CalibrationData.from_table(
+        eval_table, FIDELITY_ROWS, source=redact_uri(cal["data"]))))[0]
+    return calib, held_out, note
+
+
+def _to_int8(model, calib, p: dict):
+    if calib is None:
+        raise quantizer.CalibrationError(
+            f"model {p['name']}: int8 needs calibration data; set calibration.data in the zoo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", quantizer.int8.CalibrationWarning)
+        converted = quantizer.to_int8(model, calib, calibration_batches=p["calibration"]["batches"],
+                                      backend=p["backend"], observer=p["observer"])
+    return converted, int(converted.calibration_batches_used)
+
+
+def _quantized_fraction(precision: str, converted, fp32) -> float:
+    if precision == "int8":
+        return float(quantizer.quantized_fraction(converted, fp32))
+    total = sum(t.numel() for t in converted.parameters())
+    half = sum(t.numel() for t in converted.parameters() if t.dtype == torch.float16)
+    return half / total if total else 0.0
+
+
+def _measure(fp32, converted, x: torch.Tensor, precision: str) -> dict:
+    xc = x.half() if precision == "fp16" else x
+    with torch.inference_mode():
+        ref, got = fp32(x), converted(xc)
+    lat32 = quantizer.measure_latency_ms(fp32, x, budget_s=LATENCY_BUDGET_S)
+    lat = quantizer.measure_latency_ms(converted, xc, budget_s=LATENCY_BUDGET_S)
+    return {
+        "sqnr_db": _finite(quantizer.sqnr_db(ref, got)),
+        "top1_agreement": float(quantizer.top1_agreement(ref, got)),
+        "latency_fp32_ms": round(lat32, 4), "latency_ms": round(lat, 4),
+        "speedup": round(lat32 / lat, 4) if lat else None, "fidelity_rows": int(x.shape[0]),
+    }
+
+
+def _finite(value: float) -> float | None:
+    # JSON has no infinity: an output identical to fp32 is recorded as 300 dB.
+    return 300.0 if value == float("inf") else float(value)
+
+
+def _check_gates(p: dict, out: dict) -> None:
+    name, frac = p["name"], out["quantized_fraction"]
+    if p["precision"] == "int8" and frac < p["min_quantized_fraction"]:
+        raise quantizer.NotQuantizedError(
+            f"model {name}: int8 conversion quantized only {frac:.1%} of the parameters "
+            f"(min_quantized_fraction {p['min_quantized_fraction']}); FX static quantization "
+            f"leaves modules such as nn.LSTM and nn.TransformerEncoder in float. Nothing is "
+            f"shipped as int8; use fp16 for this model, or restructure it.")
+    floor, sqnr = p.get("min_sqnr_db"), out.get("sqnr_db")
+    if floor is not None and sqnr is not None and sqnr < floor:
+        raise quantizer.FidelityError(
+            f"model {name} {p['precision']}: SQNR {sqnr:.1f} dB is below min_sqnr_db {floor} "
+            f"(measured on {out.get('fidelity_rows')} rows); try observer: default, more "
+            f"calibration batches, or fp16")
+    min_speedup, speedup = p.get("min_speedup"), out.get("speedup")
+    if p["precision"] == "int8" and min_speedup is not None and speedup is not None \
+            and speedup < min_speedup:
+        raise quantizer.SpeedupError(
+            f"model {name} int8: speedup {speedup:.2f}x is below min_speedup {min_speedup} "
+            f"({out['latency_ms']:.2f} ms vs {out['latency_fp32_ms']:.2f} ms fp32)")
+
+
+def _publish(p: dict, converted, example, out: dict) -> dict:
+    store = Store(p["store_uri"])
+    recipe = {
+        "name": p["name"], "precision": p["precision"], "factory": p["factory"],
+        "kwargs": p["kwargs"], "backend": p["backend"], "observer": p["observer"],
+        "input_shape": list(example.shape[1:]) if example is not None else None,
+        "input_dtype": "float16" if p["precision"] == "fp16" else "float32",
+        "key": p["key"], "torch_version": torch.__version__,
+        "quantizer_version": quantizer.__version__,
+    }
+    example_in = None if example is None else example[:1]
+    if example_in is not None and p["precision"] == "fp16":
+        example_in = example_in.half()
+    tmp = tempfile.mkdtemp(prefix="quantize-all-")
+    try:
+        files = quantizer.save_artifact(converted, tmp, recipe, example_in)
+        store.put_dir(tmp, p["artifact_dir"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    main = next(f for f in files if f["path"] == ARTIFACT_FILE)
+    return {
+        "artifact_uri": store.uri_of(f"{p['artifact_dir']}/{ARTIFACT_FILE}"),
+        "artifact_sha256": main["sha256"], "artifact_bytes": main["bytes"],
+        "size_ratio": round(main["bytes"] / out["fp32_bytes"], 4), "files": files,
+    }
+
+
+def _state_bytes(model) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def _assigned_cpus() -> int:
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    return max(1, int(round(cpus)))
+
+
+@ray.remote(max_retries=2, retry_exceptions=RETRY_EXCEPTIONS)
+def convert_task(payload: dict, table=None) -> dict:
+    """Ray entry point: pin threads, count the attempt, convert, write the completion record."""
+    # A reused worker keeps the thread count torch chose first; reset it for this task's CPUs.
+    torch.set_num_threads(_assigned_cpus())
+    store = Store(payload["store_uri"])
+    payload = dict(payload, attempt=_count_attempt(store, payload))
+    row = convert_unit(payload, table)
+    row["node"] = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    row["threads"] = torch.get_num_threads()
+    if row["status"] == "ok":
+        store.write_json(payload["record_path"], row)
+    return row
+
+
+def _count_attempt(store: Store, payload: dict) -> int:
+    rel = f".attempts/{payload['run_id']}/{payload['name']}.{payload['precision']}"
+    try:
+        n = int((store.read_bytes(rel) or b"0").decode()) + 1
+        store.write_bytes(rel, str(n).encode())
+    except (StoreError, ValueError, OSError):
+        n = 1
+    return n

@@ -1,0 +1,366 @@
+"""The zoo file: YAML parsed once, at the edge, into frozen dataclasses.
+
+``load_zoo`` collects *every* problem in the file and raises one ``ZooError`` listing them all
+(file, model, key, what was found, what is allowed). Nothing downstream sees a raw dict.
+
+What is checked here is the *shape* of the file: keys, types, allowed values, names that are safe
+as path parts of the output store. What is not: whether checkpoints or calibration data exist
+(URIs may be remote, and a scheduled run must not die on one missing file) and whether a factory
+imports (importing user code can be slow, have side effects, or need packages that exist only on
+the cluster's workers). Those fail at run time, inside the model's task, as a ``failed`` row
+(``CheckpointError``, ``CalibrationError``, ``FactoryError``) while the rest of the batch goes on.
+Must not import ray, click or torch (the CLI validates a zoo before Ray or torch start).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+PRECISIONS = ("fp16", "int8")
+# Kept equal to quantizer.int8.BACKENDS / OBSERVERS (a test checks it): importing quantizer
+# here would pull torch into every `quantize-all --help`.
+BACKENDS = ("fbgemm", "qnnpack", "x86")
+OBSERVERS = ("default", "minmax")
+
+TOP_KEYS = ("defaults", "models")
+MODEL_KEYS = ("name", "factory", "kwargs", "checkpoint", "precisions", "backend", "calibration",
+              "min_sqnr_db", "min_speedup", "observer", "allow_pickle", "min_quantized_fraction")
+DEFAULT_KEYS = tuple(k for k in MODEL_KEYS if k not in ("name", "factory", "kwargs", "checkpoint"))
+CALIBRATION_KEYS = ("data", "batches", "batch_size", "shape")
+
+# Names become folders of the output store (artifacts/NAME/...), so no separators, no "." or "..".
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_FACTORY = re.compile(rf"{_DOTTED}:{_DOTTED}")
+
+
+class ZooError(Exception):
+    """The zoo file is unusable; ``problems`` holds one line per problem."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{path}: {len(self.problems)} problem(s) in the zoo file:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    data: str | None = None            # resolved URI/path of a file or folder of shards
+    batches: int = 10
+    batch_size: int = 8
+    shape: tuple[int, ...] | None = None   # per-row shape for plain fixed-size-list columns
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    factory: str                        # "module:callable"
+    checkpoint: str                     # resolved: absolute local path or URI
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    precisions: tuple[str, ...] = PRECISIONS
+    backend: str = "fbgemm"
+    calibration: Calibration = Calibration()
+    min_sqnr_db: float | None = None
+    min_speedup: float | None = None
+    observer: str = "default"
+    allow_pickle: bool = False
+    min_quantized_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class Zoo:
+    path: str                           # the zoo file, as given
+    models: tuple[ModelSpec, ...]
+
+
+# ---- value checks: each returns what is wrong (found + allowed), empty when fine ----------------
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _rule(ok: Callable[[Any], bool], wanted: str) -> Callable[[Any], list[str]]:
+    return lambda v: [] if ok(v) else [f"{_show(v)} is not {wanted}"]
+
+
+def _choice(kind: str, allowed: Sequence[str]) -> Callable[[Any], list[str]]:
+    return _rule(lambda v: isinstance(v, str) and v in allowed,
+                 f"{kind}; allowed: {', '.join(allowed)}")
+
+
+def _precisions(v: Any) -> list[str]:
+    if not isinstance(v, list) or not v:
+        return [f"{_show(v)} is not a non-empty list of precisions; allowed: "
+                f"{', '.join(PRECISIONS)} (e.g. [fp16, int8])"]
+    return [msg for item in v for msg in _choice("a precision", PRECISIONS)(item)]
+
+
+def _kwargs(v: Any) -> list[str]:
+    if not isinstance(v, dict):
+        return [f"{_show(v)} is not a mapping of keyword arguments (e.g. {{num_classes: 10}})"]
+    bad = [k for k in v if not isinstance(k, str)]
+    if bad:
+        return [f"keys {', '.join(map(_show, bad))} are not strings"]
+    try:  # kwargs go into content keys and manifests, so they must survive JSON
+        json.dumps(v, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        return [f"{_show(v)} is not JSON-serialisable ({e})"]
+    return []
+
+
+_positive_int = _rule(lambda v: _is_int(v) and v > 0, "a positive integer")
+_location = _rule(lambda v: isinstance(v, str) and v.strip() != "", "a path or URI")
+_number_or_null = _rule(lambda v: v is None or _is_number(v), "a number or null")
+_name = _rule(lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)) and v not in (".", ".."),
+              "a valid name; allowed: letters, digits, '.', '_', '-' (not '.' or '..': "
+              "names become folders of the output store)")
+
+_CHECKS: dict[str, Callable[[Any], list[str]]] = {
+    "name": _name,
+    "factory": _rule(lambda v: isinstance(v, str) and bool(_FACTORY.fullmatch(v)),
+                     "of the form 'module:callable' (e.g. mypkg.models:TinyMLP)"),
+    "kwargs": _kwargs,
+    "checkpoint": _location,
+    "precisions": _precisions,
+    "backend": _choice("a backend", BACKENDS),
+    "observer": _choice("an observer", OBSERVERS),
+    "min_sqnr_db": _number_or_null,
+    "min_speedup": _number_or_null,
+    "allow_pickle": _rule(lambda v: isinstance(v, bool), "true or false"),
+    "min_quantized_fraction": _rule(lambda v: _is_number(v) and 0 <= v <= 1,
+                                    "a number in [0, 1]"),
+    "calibration.data": _location,
+    "calibration.batches": _positive_int,
+    "calibration.batch_size": _positive_int,
+    "calibration.shape": _rule(lambda v: isinstance(v, list) and bool(v)
+                               and all(_is_int(d) and d > 0 for d in v),
+                               "a list of positive integers (e.g. [64])"),
+}
+
+
+# ---- walking the file -----------------------------------------------------------------------------
+
+class _Report:
+    """Problem lines, each naming the file, where in it (model), the key, and what is wrong."""
+
+    def __init__(self, file: str, allow_unsafe_pickle: bool):
+        self.file = file
+        self.allow_unsafe_pickle = allow_unsafe_pickle
+        self.problems: list[str] = []
+
+    def add(self, where: str, key: str | None, msg: str) -> None:
+        parts = [self.file] + ([where] if where else []) + ([f"key '{key}'"] if key else [])
+        self.problems.append(": ".join(parts + [msg]))
+
+
+def _check_keys(rep: _Report, where: str, section: dict, allowed: Sequence[str],
+                prefix: str = "") -> None:
+    """Unknown keys and bad values of a ``defaults`` block, a model or a ``calibration``."""
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            rep.add(where, f"{prefix}{key}", f"unknown key; {hint}allowed: {', '.join(allowed)}")
+    for key in (k for k in allowed if k in section):
+        value = section[key]
+        if key == "calibration" and isinstance(value, dict):
+            _check_keys(rep, where, value, CALIBRATION_KEYS, prefix="calibration.")
+        elif key == "calibration":
+            rep.add(where, key, f"{_show(value)} is not a mapping; allowed keys: "
+                    f"{', '.join(CALIBRATION_KEYS)}")
+        elif key == "allow_pickle" and value is True and not rep.allow_unsafe_pickle:
+            rep.add(where, key, "true, but a pickled checkpoint can run arbitrary code: "
+                    "pass --allow-unsafe-pickle as well to permit it")
+        for msg in _CHECKS.get(prefix + key, lambda _: [])(value):
+            rep.add(where, prefix + key, msg)
+
+
+def _check_models(rep: _Report, models: Any) -> list[tuple[str, dict]]:
+    """Check every entry of ``models``; return (label, entry) of those that are mappings."""
+    if not isinstance(models, list) or not models:
+        found = "missing" if models is None else f"{_show(models)} is not a non-empty list"
+        rep.add("", "models", f"{found}; expected a list of models, each with name, factory "
+                "and checkpoint")
+        return []
+    entries, seen = [], {}
+    for i, entry in enumerate(models):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        label = f"models[{i}] (name '{name}')" if isinstance(name, str) else f"models[{i}]"
+        if not isinstance(entry, dict):
+            rep.add(label, None, f"{_show(entry)} is not a mapping with name, factory, checkpoint")
+            continue
+        for key in ("name", "factory", "checkpoint"):
+            if key not in entry:
+                rep.add(label, key, "missing; every model needs name, factory and checkpoint")
+        _check_keys(rep, label, entry, MODEL_KEYS)
+        if isinstance(name, str) and name in seen:
+            rep.add(label, "name", f"'{name}' is a duplicate of {seen[name]}; names are unique")
+        elif isinstance(name, str):
+            seen[name] = f"models[{i}]"
+        entries.append((label, entry))
+    return entries
+
+
+def _check_file(rep: _Report, doc: Any) -> tuple[dict, list[tuple[str, dict]]]:
+    """The whole document; returns ``defaults`` and the (label, entry) of each model."""
+    if not isinstance(doc, dict):
+        rep.add("", None, f"the top level is {_show(doc)}, not a mapping with 'defaults' "
+                "and 'models'")
+        return {}, []
+    _check_keys(rep, "", {k: v for k, v in doc.items() if k not in TOP_KEYS}, TOP_KEYS)
+    defaults = doc.get("defaults") or {}
+    if isinstance(defaults, dict):
+        _check_keys(rep, "defaults", defaults, DEFAULT_KEYS)
+    else:
+        rep.add("", "defaults", f"{_show(defaults)} is not a mapping")
+        defaults = {}
+    return defaults, _check_models(rep, doc.get("models"))
+
+
+# ---- defaults, overrides, resolution -----------------------------------------------------------
+
+def _merge(defaults: dict, entry: dict) -> dict:
+    """A model's own keys over ``defaults``; ``calibration`` merges key by key."""
+    merged = {**defaults, **entry}
+    calib_d, calib_m = defaults.get("calibration", {}), entry.get("calibration", {})
+    if isinstance(calib_d, dict) and isinstance(calib_m, dict):
+        merged["calibration"] = {**calib_d, **calib_m}
+    return merged
+
+
+def _resolve(location: str, base_dir: str) -> str:
+    """URIs (``scheme://``, ``file://`` included) stay as written; paths become absolute."""
+    if "://" in location:
+        return location
+    return os.path.abspath(os.path.join(base_dir, os.path.expanduser(location)))
+
+
+def _check_overrides(rep: _Report, precisions: Sequence[str] | None, backend: str | None,
+                     calibration_batches: int | None) -> None:
+    checks = [("--precision", p, _choice("a precision", PRECISIONS)) for p in precisions or ()]
+    if backend is not None:
+        checks.append(("--backend", backend, _choice("a backend", BACKENDS)))
+    if calibration_batches is not None:
+        checks.append(("--calibration-batches", calibration_batches, _positive_int))
+    for option, value, check in checks:
+        for msg in check(value):
+            rep.add(option, None, msg)
+
+
+def _select(rep: _Report, entries: list[tuple[str, dict]],
+            only: Sequence[str] | None) -> list[tuple[str, dict]]:
+    """The entries whose name matches at least one ``--only`` glob (all of them without one)."""
+    if not only:
+        return entries
+    names = list(dict.fromkeys(e["name"] for _, e in entries if isinstance(e.get("name"), str)))
+    for pattern in only:
+        if not fnmatch.filter(names, pattern):
+            rep.add("--only", None, f"'{pattern}' matches no model; models: {', '.join(names)}")
+    return [(label, e) for label, e in entries if isinstance(e.get("name"), str)
+            and any(fnmatch.fnmatchcase(e["name"], p) for p in only)]
+
+
+def _check_int8_data(rep: _Report, selected: list[tuple[str, dict]],
+                     precisions: Sequence[str] | None) -> None:
+    for label, merged in selected:
+        chosen = precisions or merged.get("precisions", PRECISIONS)
+        calib = merged.get("calibration")
+        has_data = isinstance(calib, dict) and calib.get("data") is not None
+        if isinstance(chosen, (list, tuple)) and "int8" in chosen and not has_data:
+            rep.add(label, "calibration.data", "missing; int8 needs calibration data (set it "
+                    "here or under defaults), or choose precisions: [fp16]")
+
+
+def _build(merged: dict, base_dir: str, precisions: Sequence[str] | None,
+           backend: str | None, calibration_batches: int | None) -> ModelSpec:
+    calib = dict(merged.get("calibration", {}))
+    if calibration_batches is not None:
+        calib["batches"] = calibration_batches
+    if calib.get("data") is not None:
+        calib["data"] = _resolve(calib["data"], base_dir)
+    if calib.get("shape") is not None:
+        calib["shape"] = tuple(calib["shape"])
+    chosen = precisions or merged.get("precisions", PRECISIONS)
+    optional = {k: merged[k] for k in ("observer", "allow_pickle") if k in merged}
+    optional.update({k: float(merged[k]) for k in ("min_sqnr_db", "min_speedup",
+                                                    "min_quantized_fraction")
+                     if merged.get(k) is not None})
+    return ModelSpec(
+        name=merged["name"], factory=merged["factory"],
+        checkpoint=_resolve(merged["checkpoint"], base_dir),
+        kwargs=dict(merged.get("kwargs", {})),
+        precisions=tuple(dict.fromkeys(chosen)),  # order kept, repeats dropped
+        backend=backend or merged.get("backend", "fbgemm"),
+        calibration=Calibration(**calib), **optional)
+
+
+def _read(rep: _Report, path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        rep.add("", None, f"cannot read the zoo file: {e.strerror or e}")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        rep.add("", None, f"not valid YAML{at}: {getattr(e, 'problem', None) or e}")
+    return None
+
+
+def load_zoo(path: str | os.PathLike, *, precisions: Sequence[str] | None = None,
+             backend: str | None = None, calibration_batches: int | None = None,
+             only: Sequence[str] | None = None, allow_unsafe_pickle: bool = False) -> Zoo:
+    """Parse and check a zoo file, apply the command-line overrides, resolve paths.
+
+    Args:
+        path: the zoo YAML file. Relative ``checkpoint`` and ``calibration.data`` paths are
+            taken relative to its folder; URIs (anything with ``://``) are kept as written.
+        precisions: ``--precision`` values; replace every model's ``precisions``.
+        backend: ``--backend``; replaces every model's ``backend``.
+        calibration_batches: ``--calibration-batches``; replaces ``calibration.batches``.
+        only: ``--only`` shell-style globs; keep the models whose name matches any of them.
+        allow_unsafe_pickle: ``--allow-unsafe-pickle``; without it ``allow_pickle: true``
+            is a problem.
+
+    Returns:
+        The ``Zoo`` of the selected models, in file order, with defaults merged in.
+
+    Raises:
+        ZooError: listing every problem found (file, model, key, found, allowed). Files are
+            not opened and factories not imported here: that happens at run time, per model.
+    """
+    rep = _Report(str(path), allow_unsafe_pickle)
+    doc = _read(rep, os.fspath(path))
+    if not rep.problems:
+        defaults, entries = _check_file(rep, doc)
+        _check_overrides(rep, precisions, backend, calibration_batches)
+        selected = [(label, _merge(defaults, e)) for label, e in _select(rep, entries, only)]
+        _check_int8_data(rep, selected, precisions)
+    if rep.problems:
+        raise ZooError(str(path), rep.problems)
+    base_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
+    models = tuple(_build(m, base_dir, precisions, backend, calibration_batches)
+                   for _, m in selected)
+    return Zoo(path=str(path), models=models)

@@ -1,0 +1,243 @@
+"""Scheduled refresh: content keys, skips, resume after SIGKILL, the lock, --verify, retirement."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from jobs import driver
+from jobs.cli import main
+from jobs.zoo import load_zoo
+from tests.jobs.conftest import read_manifest, rows_by_key
+
+# Six models whose every row converts: a refresh of it must skip everything.
+HEADER = """\
+defaults:
+  calibration: {data: calib/images/, batches: 4, batch_size: 16}
+models:
+"""
+ENTRIES = [
+    '  - {name: residual-cnn, factory: "jobs.demo.models:ResidualCNN", checkpoint: ckpt/residual-cnn.pt}',
+    '  - {name: digits-mlp, factory: "jobs.demo.models:DigitsMLP", checkpoint: ckpt/digits-mlp.pt,'
+    ' calibration: {data: calib/flat/}}',
+    '  - {name: depthwise-cnn, factory: "jobs.demo.models:DepthwiseCNN", checkpoint: ckpt/depthwise-cnn.pt}',
+    '  - {name: tuple-output-cnn, factory: "jobs.demo.models:TupleOutputCNN",'
+    ' checkpoint: ckpt/tuple-output-cnn.pt}',
+    '  - {name: gated-cnn, factory: "jobs.demo.models:GatedCNN", checkpoint: ckpt/gated-cnn.pt,'
+    ' precisions: [fp16]}',
+    '  - {name: lstm-classifier, factory: "jobs.demo.models:LSTMClassifier",'
+    ' checkpoint: ckpt/lstm-classifier.pt, precisions: [fp16]}',
+]
+SIX = HEADER + "\n".join(ENTRIES) + "\n"
+
+
+@pytest.fixture
+def six(demo_copy):
+    zoo = demo_copy / "six.yaml"
+    zoo.write_text(SIX)
+    return zoo
+
+
+def cli(*args) -> tuple[int, dict | None, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--json"])
+    try:
+        summary = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        summary = None
+    return result.exit_code, summary, result.stderr
+
+
+def statuses(summary) -> dict[tuple[str, str], str]:
+    return {(r["name"], r["precision"]): r["status"] for r in summary["rows"]}
+
+
+def artifact_mtimes(out: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*") if p.is_file()}
+
+
+def test_unchanged_zoo_is_skipped_without_ray(ray_local, six, tmp_path):
+    out = tmp_path / "out"
+    code, first, _ = cli(six, "--out", out)
+    assert code == 0 and first["counts"]["ok"] == 10
+    before = artifact_mtimes(out)
+    result = driver.run(load_zoo(six), driver.RunOptions(out=str(out)))
+    assert result.counts == {"ok": 0, "failed": 0, "skipped": 10}
+    assert result.ray_used is False
+    assert all("up to date" in r["reason"] for r in result.rows)
+    assert artifact_mtimes(out) == before
+    assert all(r["status"] == "ok" for r in read_manifest(out)["rows"])
+    assert len(os.listdir(out / "runs")) == 2
+
+
+def test_changed_checkpoint_reconverts_exactly_its_rows(ray_local, six, tmp_path):
+    out = tmp_path / "out"
+    assert cli(six, "--out", out)[0] == 0
+    ckpt = six.parent / "ckpt" / "digits-mlp.pt"
+    state = torch.load(ckpt, weights_only=True)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first] * 1.01
+    torch.save(state, ckpt)
+    code, summary, _ = cli(six, "--out", out)
+    assert code == 0
+    converted = {k for k, s in statuses(summary).items() if s != "skipped"}
+    assert converted == {("digits-mlp", "fp16"), ("digits-mlp", "int8")}
+    reasons = {r["reason"] for r in summary["rows"] if r["name"] == "digits-mlp"}
+    assert reasons == {"checkpoint changed"}
+
+
+def test_changed_backend_reconverts_int8_rows_only(ray_local, six, tmp_path):
+    out = tmp_path / "out"
+    assert cli(six, "--out", out)[0] == 0
+    code, summary, _ = cli(six, "--out", out, "--backend", "qnnpack")
+    assert code == 0
+    converted = {k for k, s in statuses(summary).items() if s != "skipped"}
+    assert converted == {(n, "int8") for n in ("residual-cnn", "digits-mlp", "depthwise-cnn",
+                                               "tuple-output-cnn")}
+    assert {r["backend"] for r in read_manifest(out)["rows"] if r["precision"] == "int8"} == {"qnnpack"}
+
+
+def test_same_size_rewrite_with_reset_mtime_is_noticed(ray_local, six, tmp_path):
+    """The hash cache keys on ctime too, which `touch -d` / os.utime cannot reset."""
+    out = tmp_path / "out"
+    assert cli(six, "--out", out)[0] == 0
+    ckpt = six.parent / "ckpt" / "depthwise-cnn.pt"
+    st = ckpt.stat()
+    state = torch.load(ckpt, weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = -state[key]                     # same size, different bytes
+    torch.save(state, ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ckpt.stat().st_size == st.st_size and ckpt.stat().st_mtime_ns == st.st_mtime_ns
+    code, summary, _ = cli(six, "--out", out, "--dry-run")
+    plan = {(p["name"], p["precision"]): p["action"] for p in summary["plan"]}
+    assert plan[("depthwise-cnn", "fp16")] == "convert"
+    assert sum(a == "convert" for a in plan.values()) == 2
+
+
+def test_dry_run_changes_nothing(six, tmp_path):
+    out = tmp_path / "out"
+    code, summary, stderr = cli(six, "--out", out, "--dry-run")
+    assert code == 0 and not out.exists()
+    assert {p["action"] for p in summary["plan"]} == {"convert"}
+    assert {p["reason"] for p in summary["plan"]} == {"new"}
+    assert "dry run: 10 to convert, 0 to skip" in stderr
+
+
+def test_verify_catches_flipped_and_deleted_artifacts(ray_local, six, tmp_path):
+    out = tmp_path / "out"
+    assert cli(six, "--out", out)[0] == 0
+    code, report, _ = cli(six, "--out", out, "--verify")
+    assert code == 0 and report["problems"] == 0 and len(report["verify"]) == 10
+    rows = rows_by_key(out)
+    flipped = Path(rows[("residual-cnn", "int8")]["artifact_uri"].removeprefix("file://"))
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    deleted = Path(rows[("digits-mlp", "fp16")]["artifact_uri"].removeprefix("file://"))
+    deleted.parent.joinpath("recipe.json").unlink()
+    code, report, stderr = cli(six, "--out", out, "--verify")
+    assert code == 1 and report["problems"] == 2
+    bad = {(r["name"], r["precision"]): r["problem"] for r in report["verify"] if not r["ok"]}
+    assert "sha256" in bad[("residual-cnn", "int8")]
+    assert "missing" in bad[("digits-mlp", "fp16")]
+    assert "residual-cnn" in stderr and "digits-mlp" in stderr
+
+
+def test_retired_model_is_marked_and_kept(ray_local, six, tmp_path):
+    out = tmp_path / "out"
+    assert cli(six, "--out", out)[0] == 0
+    six.write_text(HEADER + "\n".join(ENTRIES[:-1]) + "\n")   # lstm-classifier leaves the zoo
+    code, summary, _ = cli(six, "--out", out)
+    assert code == 0 and summary["counts"]["ok"] == 0
+    row = rows_by_key(out)[("lstm-classifier", "fp16")]
+    assert row["retired"] is True and row["status"] == "ok"
+    assert Path(row["artifact_uri"].removeprefix("file://")).exists()
+
+
+def _spawn(zoo, out, address) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", str(zoo), "--out", str(out), "--address", address,
+         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_driver_then_resume(ray_local, six, tmp_path):
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    proc = _spawn(six, out, address)
+    deadline = time.monotonic() + 120
+    while not list((out / "artifacts").glob("*/*/*.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {(p.parts[-3], p.parts[-2]) for p in (out / "artifacts").glob("*/*/*.json")}
+    assert 1 <= len(finished) < 10
+    code, summary, _ = cli(six, "--out", out)
+    assert code == 0
+    by_key = {(r["name"], r["precision"]): r for r in summary["rows"]}
+    for key in finished:
+        assert by_key[key]["status"] == "skipped", by_key[key]
+        assert "interrupted" in by_key[key]["reason"]
+    assert sum(r["status"] == "ok" for r in summary["rows"]) == 10 - len(finished)
+    assert cli(six, "--out", out, "--verify")[0] == 0
+    assert not list(out.rglob(".tmp-*"))
+    assert len(read_manifest(out)["rows"]) == 10
+
+
+def test_second_concurrent_run_exits_3(ray_local, six, tmp_path):
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    proc = _spawn(six, out, address)
+    deadline = time.monotonic() + 60
+    while not (out / ".lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    code, _, stderr = cli(six, "--out", out)
+    assert code == 3
+    holder = json.loads((out / ".lock").read_text())
+    assert holder["run_id"] in stderr and socket.gethostname() in stderr
+    assert holder["started_at"] in stderr
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads(stdout)["counts"]["ok"] == 10
+    assert len(read_manifest(out)["rows"]) == 10
+
+
+def test_dead_holders_lock_is_taken_over(ray_local, six, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({
+        "run_id": "crashed", "host": socket.gethostname(), "pid": dead.pid,
+        "started_at": "2026-01-01T00:00:00Z", "heartbeat": time.time()}))
+    code, summary, _ = cli(six, "--out", out, "--only", "digits-mlp")
+    assert code == 0 and summary["counts"]["ok"] == 2
+    assert not (out / ".lock").exists()
+
+
+def test_live_foreign_lock_blocks_until_it_expires(ray_local, six, tmp_path):
+    from jobs.store import LOCK_EXPIRY_S
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = {"run_id": "elsewhere", "host": "another-host", "pid": 1,
+              "started_at": "2026-01-01T00:00:00Z", "heartbeat": time.time()}
+    (out / ".lock").write_text(json.dumps(holder))
+    args = (six, "--out", out, "--only", "digits-mlp", "--precision", "fp16")
+    assert cli(*args, "--dry-run")[0] == 0  # a dry run changes nothing and needs no lock
+    code, _, stderr = cli(*args)
+    assert code == 3 and "elsewhere" in stderr and "another-host" in stderr
+    holder["heartbeat"] = time.time() - LOCK_EXPIRY_S - 1
+    (out / ".lock").write_text(json.dumps(holder))
+    code, summary, _ = cli(*args)
+    assert code == 0 and summary["counts"]["ok"] == 1
