@@ -4,7 +4,7 @@
 (file, model, key, what was found, what is allowed). Nothing downstream sees a raw dict.
 
 What is checked here is the *shape* of the file: keys, types, allowed values, names that are safe
-as path parts of the output store. What is not: whether checkpoints or calibration data exist
+as path parts of the output store (each key's value rule lives in ``jobs.zoo_rules``). What is not: whether checkpoints or calibration data exist
 (URIs may be remote, and a scheduled run must not die on one missing file) and whether a factory
 imports (importing user code can be slow, have side effects, or need packages that exist only on
 the cluster's workers). Those fail at run time, inside the model's task, as a ``failed`` row
@@ -16,31 +16,20 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import json
-import math
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
-PRECISIONS = ("fp16", "int8")
-# Kept equal to quantizer.int8.BACKENDS / OBSERVERS (a test checks it): importing quantizer
-# here would pull torch into every `quantize-all --help`.
-BACKENDS = ("fbgemm", "qnnpack", "x86")
-OBSERVERS = ("default", "minmax")
+from jobs.zoo_rules import (BACKENDS, OBSERVERS, PRECISIONS, VALUE_CHECKS,  # noqa: F401 (re-exported)
+                            choice, positive_int, show)
 
 TOP_KEYS = ("defaults", "models")
 MODEL_KEYS = ("name", "factory", "kwargs", "checkpoint", "precisions", "backend", "calibration",
               "min_sqnr_db", "min_speedup", "observer", "allow_pickle", "min_quantized_fraction")
 DEFAULT_KEYS = tuple(k for k in MODEL_KEYS if k not in ("name", "factory", "kwargs", "checkpoint"))
 CALIBRATION_KEYS = ("data", "batches", "batch_size", "shape")
-
-# Names become folders of the output store (artifacts/NAME/...), so no separators, no "." or "..".
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
-_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
-_FACTORY = re.compile(rf"{_DOTTED}:{_DOTTED}")
 
 
 class ZooError(Exception):
@@ -83,83 +72,6 @@ class Zoo:
     models: tuple[ModelSpec, ...]
 
 
-# ---- value checks: each returns what is wrong (found + allowed), empty when fine ----------------
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _rule(ok: Callable[[Any], bool], wanted: str) -> Callable[[Any], list[str]]:
-    return lambda v: [] if ok(v) else [f"{_show(v)} is not {wanted}"]
-
-
-def _choice(kind: str, allowed: Sequence[str]) -> Callable[[Any], list[str]]:
-    return _rule(lambda v: isinstance(v, str) and v in allowed,
-                 f"{kind}; allowed: {', '.join(allowed)}")
-
-
-def _precisions(v: Any) -> list[str]:
-    if not isinstance(v, list) or not v:
-        return [f"{_show(v)} is not a non-empty list of precisions; allowed: "
-                f"{', '.join(PRECISIONS)} (e.g. [fp16, int8])"]
-    return [msg for item in v for msg in _choice("a precision", PRECISIONS)(item)]
-
-
-def _kwargs(v: Any) -> list[str]:
-    if not isinstance(v, dict):
-        return [f"{_show(v)} is not a mapping of keyword arguments (e.g. {{num_classes: 10}})"]
-    bad = [k for k in v if not isinstance(k, str)]
-    if bad:
-        return [f"keys {', '.join(map(_show, bad))} are not strings"]
-    try:  # kwargs go into content keys and manifests, so they must survive JSON
-        json.dumps(v, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        return [f"{_show(v)} is not JSON-serialisable ({e})"]
-    return []
-
-
-_positive_int = _rule(lambda v: _is_int(v) and v > 0, "a positive integer")
-_location = _rule(lambda v: isinstance(v, str) and v.strip() != "", "a path or URI")
-_number_or_null = _rule(lambda v: v is None or _is_number(v), "a number or null")
-_name = _rule(lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)) and v not in (".", ".."),
-              "a valid name; allowed: letters, digits, '.', '_', '-' (not '.' or '..': "
-              "names become folders of the output store)")
-
-_CHECKS: dict[str, Callable[[Any], list[str]]] = {
-    "name": _name,
-    "factory": _rule(lambda v: isinstance(v, str) and bool(_FACTORY.fullmatch(v)),
-                     "of the form 'module:callable' (e.g. mypkg.models:TinyMLP)"),
-    "kwargs": _kwargs,
-    "checkpoint": _location,
-    "precisions": _precisions,
-    "backend": _choice("a backend", BACKENDS),
-    "observer": _choice("an observer", OBSERVERS),
-    "min_sqnr_db": _number_or_null,
-    "min_speedup": _number_or_null,
-    "allow_pickle": _rule(lambda v: isinstance(v, bool), "true or false"),
-    "min_quantized_fraction": _rule(lambda v: _is_number(v) and 0 <= v <= 1,
-                                    "a number in [0, 1]"),
-    "calibration.data": _location,
-    "calibration.batches": _positive_int,
-    "calibration.batch_size": _positive_int,
-    "calibration.shape": _rule(lambda v: isinstance(v, list) and bool(v)
-                               and all(_is_int(d) and d > 0 for d in v),
-                               "a list of positive integers (e.g. [64])"),
-}
-
-
 # ---- walking the file -----------------------------------------------------------------------------
 
 class _Report:
@@ -188,19 +100,19 @@ def _check_keys(rep: _Report, where: str, section: dict, allowed: Sequence[str],
         if key == "calibration" and isinstance(value, dict):
             _check_keys(rep, where, value, CALIBRATION_KEYS, prefix="calibration.")
         elif key == "calibration":
-            rep.add(where, key, f"{_show(value)} is not a mapping; allowed keys: "
+            rep.add(where, key, f"{show(value)} is not a mapping; allowed keys: "
                     f"{', '.join(CALIBRATION_KEYS)}")
         elif key == "allow_pickle" and value is True and not rep.allow_unsafe_pickle:
             rep.add(where, key, "true, but a pickled checkpoint can run arbitrary code: "
                     "pass --allow-unsafe-pickle as well to permit it")
-        for msg in _CHECKS.get(prefix + key, lambda _: [])(value):
+        for msg in VALUE_CHECKS.get(prefix + key, lambda _: [])(value):
             rep.add(where, prefix + key, msg)
 
 
 def _check_models(rep: _Report, models: Any) -> list[tuple[str, dict]]:
     """Check every entry of ``models``; return (label, entry) of those that are mappings."""
     if not isinstance(models, list) or not models:
-        found = "missing" if models is None else f"{_show(models)} is not a non-empty list"
+        found = "missing" if models is None else f"{show(models)} is not a non-empty list"
         rep.add("", "models", f"{found}; expected a list of models, each with name, factory "
                 "and checkpoint")
         return []
@@ -209,7 +121,7 @@ def _check_models(rep: _Report, models: Any) -> list[tuple[str, dict]]:
         name = entry.get("name") if isinstance(entry, dict) else None
         label = f"models[{i}] (name '{name}')" if isinstance(name, str) else f"models[{i}]"
         if not isinstance(entry, dict):
-            rep.add(label, None, f"{_show(entry)} is not a mapping with name, factory, checkpoint")
+            rep.add(label, None, f"{show(entry)} is not a mapping with name, factory, checkpoint")
             continue
         for key in ("name", "factory", "checkpoint"):
             if key not in entry:
@@ -226,7 +138,7 @@ def _check_models(rep: _Report, models: Any) -> list[tuple[str, dict]]:
 def _check_file(rep: _Report, doc: Any) -> tuple[dict, list[tuple[str, dict]]]:
     """The whole document; returns ``defaults`` and the (label, entry) of each model."""
     if not isinstance(doc, dict):
-        rep.add("", None, f"the top level is {_show(doc)}, not a mapping with 'defaults' "
+        rep.add("", None, f"the top level is {show(doc)}, not a mapping with 'defaults' "
                 "and 'models'")
         return {}, []
     _check_keys(rep, "", {k: v for k, v in doc.items() if k not in TOP_KEYS}, TOP_KEYS)
@@ -234,7 +146,7 @@ def _check_file(rep: _Report, doc: Any) -> tuple[dict, list[tuple[str, dict]]]:
     if isinstance(defaults, dict):
         _check_keys(rep, "defaults", defaults, DEFAULT_KEYS)
     else:
-        rep.add("", "defaults", f"{_show(defaults)} is not a mapping")
+        rep.add("", "defaults", f"{show(defaults)} is not a mapping")
         defaults = {}
     return defaults, _check_models(rep, doc.get("models"))
 
@@ -259,11 +171,11 @@ def _resolve(location: str, base_dir: str) -> str:
 
 def _check_overrides(rep: _Report, precisions: Sequence[str] | None, backend: str | None,
                      calibration_batches: int | None) -> None:
-    checks = [("--precision", p, _choice("a precision", PRECISIONS)) for p in precisions or ()]
+    checks = [("--precision", p, choice("a precision", PRECISIONS)) for p in precisions or ()]
     if backend is not None:
-        checks.append(("--backend", backend, _choice("a backend", BACKENDS)))
+        checks.append(("--backend", backend, choice("a backend", BACKENDS)))
     if calibration_batches is not None:
-        checks.append(("--calibration-batches", calibration_batches, _positive_int))
+        checks.append(("--calibration-batches", calibration_batches, positive_int))
     for option, value, check in checks:
         for msg in check(value):
             rep.add(option, None, msg)

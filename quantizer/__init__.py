@@ -26,7 +26,8 @@ from quantizer.errors import (  # noqa: F401  (re-exported)
 from quantizer.fp16 import to_fp16
 from quantizer.int8 import BACKENDS, OBSERVERS, quantized_fraction, to_int8
 from quantizer.calibration import CalibrationData, read_calibration, write_calibration
-from quantizer.checkpoints import import_factory, load_artifact, load_model, save_artifact
+from quantizer.checkpoints import import_factory, load_model
+from quantizer.artifacts import load_artifact, save_artifact
 from quantizer.fidelity import measure_latency_ms, sqnr_db, top1_agreement
 
 __all__ = [

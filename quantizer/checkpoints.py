@@ -1,10 +1,10 @@
-"""Checkpoints in, artifacts out: safe loading, atomic artifact writing, pickle-free reload.
+"""Checkpoints in: factories, byte reads and state_dicts loaded without trusting pickles.
 
-Owns factory import (``module:callable``), byte reads through ``pyarrow.fs``, ``state_dict``
-loading with ``torch.load(weights_only=True)`` (a whole pickled module is refused unless the caller
-opts in, because unpickling can run code), strict key/shape checks, and the artifact format
-(``model.pt`` + ``recipe.json`` + a TorchScript copy) with its reload. ``quantizer.int8`` is
-imported lazily, only to rebuild int8 artifacts. Must not import ray, click, jobs or torch.ao.
+Owns factory import (``module:callable``) and building, byte reads and digests through
+``pyarrow.fs``, ``state_dict`` loading with ``torch.load(weights_only=True)`` (a whole pickled
+module is refused unless the caller opts in, because unpickling can run code) and strict
+key/shape checks. ``quantizer.artifacts`` reuses these to reload what this tool wrote; this module
+must not import it (nor ray, click, jobs, torch.ao or quantizer.int8).
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
-import json
 import os
 import pickle
 import pickletools
 import re
-import uuid
 import warnings
 import zipfile
 from typing import Any, Callable, Mapping
@@ -27,11 +25,8 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from quantizer.errors import (ArtifactError, CheckpointError, CheckpointKeysError, FactoryError,
-                              QuantizerError, UnsafePickleError)
+from quantizer.errors import CheckpointError, CheckpointKeysError, FactoryError, UnsafePickleError
 
-ARTIFACT_FORMAT = "quantize-all-artifact"
-ARTIFACT_FORMAT_VERSION = 1
 _CHUNK = 1 << 20
 _OPT_IN = ("set `allow_pickle: true` on this model in the zoo AND pass --allow-unsafe-pickle "
            "(only for a file you trust); better, re-save it as `torch.save(model.state_dict(), ...)`")
@@ -137,8 +132,8 @@ def _pickle_globals(data: bytes) -> list[str]:
     return found
 
 
-def _brief(exc: Exception) -> str:
-    """The telling line of a torch.load error (its full text is a page of advice)."""
+def brief_error(exc: Exception) -> str:
+    """``"Type: first line"`` of a ``torch.load`` error (its full text is a page of advice)."""
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
@@ -147,7 +142,13 @@ def _brief(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
-def _safe_load(data: bytes) -> Any:
+def weights_only_load(data: bytes) -> Any:
+    """``torch.load(weights_only=True)`` of in-memory bytes onto the CPU, quietly.
+
+    Raises:
+        Whatever ``torch.load`` raises (``pickle.UnpicklingError`` for refused globals); callers
+        turn it into their own typed error.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # protocol and storage notes from the unpickler
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
@@ -155,12 +156,12 @@ def _safe_load(data: bytes) -> Any:
 
 def _torch_load(data: bytes, name: str, allow_pickle: bool) -> Any:
     try:
-        return _safe_load(data)
+        return weights_only_load(data)
     except Exception as exc:  # noqa: BLE001  (torch raises many types for bad bytes)
         needed = _pickle_globals(data) if isinstance(exc, pickle.UnpicklingError) else []
         if not needed:
             raise CheckpointError(f"{name}: truncated or corrupt checkpoint, not a readable torch "
-                                  f"file ({_brief(exc)})") from exc
+                                  f"file ({brief_error(exc)})") from exc
         if not allow_pickle:
             # torch names the first global it refused; the scan lists every global otherwise
             refused = re.findall(r"GLOBAL ([\w.]+)", str(exc))
@@ -219,7 +220,19 @@ def _few(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _load_strict(model: nn.Module, state: Mapping[str, Any], name: str, error=CheckpointKeysError):
+def load_strict(model: nn.Module, state: Mapping[str, Any], name: str,
+                error: type[Exception] = CheckpointKeysError) -> None:
+    """Load ``state`` into ``model`` strictly, naming every missing, unexpected or misshapen key.
+
+    Args:
+        model: the module to fill in place.
+        state: its state_dict.
+        name: the file, for messages.
+        error: the exception type to raise.
+
+    Raises:
+        error: keys or shapes do not fit, or ``load_state_dict`` refuses the values.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -237,7 +250,12 @@ def _load_strict(model: nn.Module, state: Mapping[str, Any], name: str, error=Ch
         raise error(f"{name}: state_dict does not load into {type(model).__name__}: {exc}") from exc
 
 
-def _build(factory: Callable, kwargs: Mapping[str, Any] | None, label: str) -> nn.Module:
+def build_model(factory: Callable, kwargs: Mapping[str, Any] | None, label: str) -> nn.Module:
+    """``factory(**kwargs)``, checked to be an ``nn.Module``.
+
+    Raises:
+        FactoryError: the call fails or returns something else (``label`` names the factory).
+    """
     try:
         model = factory(**dict(kwargs or {}))
     except Exception as exc:  # noqa: BLE001  (user code)
@@ -269,151 +287,7 @@ def load_model(factory: str | Callable, checkpoint, *, kwargs: Mapping[str, Any]
     """
     label = factory if isinstance(factory, str) else getattr(factory, "__qualname__", repr(factory))
     build = import_factory(factory) if isinstance(factory, str) else factory
-    model = _build(build, kwargs, repr(label))
+    model = build_model(build, kwargs, repr(label))
     state = load_state_dict(checkpoint, allow_pickle=allow_pickle, filesystem=filesystem)
-    _load_strict(model, state, os.fspath(checkpoint))
+    load_strict(model, state, os.fspath(checkpoint))
     return model.float().eval()
-
-
-# ----------------------------------------------------------------------------- artifacts
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    folder, base = os.path.split(path)
-    tmp = os.path.join(folder, f".{base}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _torchscript_bytes(model: nn.Module, example_inputs) -> bytes:
-    example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")     # TracerWarnings and torch.jit deprecation notes
-        traced = torch.jit.trace(model, example)
-        buf = io.BytesIO()
-        torch.jit.save(traced, buf)
-    return buf.getvalue()
-
-
-def save_artifact(model: nn.Module, folder, recipe: dict, example_inputs) -> list[dict]:
-    """Write ``model.pt``, ``recipe.json`` and ``model.torchscript.pt`` into a local folder.
-
-    ``model.pt`` holds ``{"format", "format_version", "recipe", "state_dict"}`` and reloads with
-    ``weights_only=True`` (checked before anything is written). The TorchScript copy is for
-    deployment only: if tracing fails, it is skipped and ``recipe.json`` says why.
-
-    Args:
-        model: the converted model (fp16 or int8 GraphModule).
-        folder: a local folder, created if needed.
-        recipe: JSON-only dict: precision, factory, kwargs, backend, observer, input_shape,
-            input_dtype, versions (what ``load_artifact`` needs to rebuild the model).
-        example_inputs: a tensor (or tuple) to trace the TorchScript copy with.
-
-    Returns:
-        ``[{"path", "sha256", "bytes"}, ...]`` for every file written, paths relative to folder.
-
-    Raises:
-        ArtifactError: the recipe is not plain JSON or the state_dict would need unpickling.
-    """
-    folder = os.fspath(folder)
-    try:
-        recipe_text = json.dumps(recipe, indent=2, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"{folder}: recipe must hold only JSON types: {exc}") from exc
-    payload = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_FORMAT_VERSION,
-               "recipe": json.loads(recipe_text), "state_dict": model.state_dict()}
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    try:
-        _safe_load(buf.getvalue())
-    except Exception as exc:  # noqa: BLE001
-        raise ArtifactError(f"{folder}: the state_dict of {type(model).__name__} holds objects "
-                            f"that weights_only loading refuses: {_brief(exc)}") from exc
-    os.makedirs(folder, exist_ok=True)
-    written = ["model.pt"]
-    _write_atomic(os.path.join(folder, "model.pt"), buf.getvalue())
-    try:
-        _write_atomic(os.path.join(folder, "model.torchscript.pt"),
-                      _torchscript_bytes(model, example_inputs))
-        written.append("model.torchscript.pt")
-    except Exception as exc:  # noqa: BLE001  (the TorchScript copy never fails the artifact)
-        if os.path.exists(stale := os.path.join(folder, "model.torchscript.pt")):
-            os.remove(stale)        # from an earlier save into this folder: it is not this model
-        recipe_text = json.dumps({**recipe, "torchscript_error": f"{type(exc).__name__}: {exc}"[:1000]},
-                                 indent=2, sort_keys=True)
-    _write_atomic(os.path.join(folder, "recipe.json"), (recipe_text + "\n").encode())
-    written.insert(1, "recipe.json")
-    return [dict(zip(("path", "sha256", "bytes"), (name, *file_digest(os.path.join(folder, name)))))
-            for name in written]
-
-
-def _rebuild(recipe: Mapping[str, Any], name: str) -> nn.Module:
-    missing = [k for k in ("precision", "factory", "input_shape") if k not in recipe]
-    if missing:
-        raise ArtifactError(f"{name}: recipe lacks {', '.join(missing)}")
-    model = _build(import_factory(recipe["factory"]), recipe.get("kwargs"), repr(recipe["factory"]))
-    model = model.float().eval()
-    if recipe["precision"] == "fp16":
-        return model.half()
-    if recipe["precision"] != "int8":
-        raise ArtifactError(f"{name}: unknown precision {recipe['precision']!r} (fp16 or int8)")
-    dtype = recipe.get("input_dtype", "float32")
-    if dtype not in ("float16", "float32"):
-        raise ArtifactError(f"{name}: input_dtype {dtype!r} is not float16 or float32")
-    from quantizer import int8        # lazily: only int8 artifacts need torch.ao
-    example = torch.zeros([1, *recipe["input_shape"]], dtype=getattr(torch, dtype))
-    try:
-        return int8.rebuild_int8(model, (example,), recipe.get("backend", "fbgemm"),
-                                 recipe.get("observer", "default"))
-    except QuantizerError as exc:      # a recipe this torch cannot rebuild is a bad artifact here
-        raise ArtifactError(f"{name}: cannot rebuild the int8 graph: {exc}") from exc
-
-
-def load_artifact(path_or_uri, *, filesystem: pafs.FileSystem | None = None) -> nn.Module:
-    """Rebuild a runnable model from an artifact this tool wrote, never unpickling code.
-
-    Args:
-        path_or_uri: the artifact's ``model.pt`` (path or URI) or its folder.
-        filesystem: a ``pyarrow.fs.FileSystem``; then the path is inside it.
-
-    Returns:
-        The model in eval mode: fp16 (feed it ``.half()`` inputs) or an int8 ``GraphModule``
-        (the process's quantized engine is set to the artifact's backend).
-
-    Raises:
-        ArtifactError: missing, unreadable, not this tool's format, or not fitting its recipe.
-        FactoryError: the recipe's factory cannot be imported here.
-    """
-    name = os.fspath(path_or_uri)
-    if not name.split("?")[0].endswith(".pt"):
-        base, sep, query = name.partition("?")
-        name = f"{base.rstrip('/')}/model.pt{sep}{query}"
-    try:
-        data = read_bytes(name, filesystem)
-    except CheckpointError as exc:
-        raise ArtifactError(str(exc)) from exc
-    try:
-        payload = _safe_load(data)
-    except Exception as exc:  # noqa: BLE001
-        raise ArtifactError(f"{name}: not a readable artifact (truncated, corrupt, or holding "
-                            f"objects beyond weights, which are never unpickled): {_brief(exc)}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{name}: not a quantize-all artifact (no format {ARTIFACT_FORMAT!r})")
-    if payload.get("format_version") != ARTIFACT_FORMAT_VERSION:
-        raise ArtifactError(f"{name}: artifact format_version {payload.get('format_version')!r} "
-                            f"is not {ARTIFACT_FORMAT_VERSION}; use the quantize-all that wrote it")
-    recipe = payload.get("recipe") or {}
-    model = _rebuild(recipe, name)
-    _load_strict(model, payload.get("state_dict") or {}, name, error=ArtifactError)
-    if recipe["precision"] == "int8":
-        from quantizer import int8
-        int8.set_engine(recipe.get("backend", "fbgemm"))
-    return model.eval()

@@ -131,6 +131,37 @@ def test_take_and_skip_windows(tmp_path, data):
         calibration.take(-1)
 
 
+def test_size_one_axis_with_odd_strides_is_written_unpermuted(tmp_path):
+    from sklearn.datasets import load_digits
+    x = (load_digits().images / 16).astype(np.float32)[:, None][np.arange(5)]
+    assert x.flags.c_contiguous and x.strides == (256, 4, 32, 4)   # the trap: "contiguous" yet odd
+    for source in (x, torch.from_numpy(x)):
+        path = write_calibration(tmp_path / "digits.arrow", source)[0]
+        stored = ipc.open_file(path).schema.field("input").type
+        assert stored.shape == [1, 8, 8] and stored.permutation in (None, [0, 1, 2])
+        calibration = read_calibration(path, batch_size=5)
+        assert calibration.shape == (1, 8, 8)
+        assert read_table(path, shape=[1, 8, 8]).schema.field("input").type.shape == [1, 8, 8]
+        assert torch.equal(next(iter(calibration))[0], torch.from_numpy(x))
+
+
+def test_reader_relabels_a_permutation_of_size_one_axes_zero_copy(tmp_path):
+    x = np.arange(5 * 64, dtype=np.float32).reshape(5, 8, 8)[:, None][np.arange(5)]
+    stored = pa.FixedShapeTensorArray.from_numpy_ndarray(x)       # what the old writer stored
+    assert stored.type.shape == [8, 1, 8] and stored.type.permutation == [1, 0, 2]
+    path = _write_ipc(tmp_path / "old.arrow", pa.table({"input": stored, "target": stored}))
+    table = read_table(path)
+    for column in ("input", "target"):
+        typ = table.schema.field(column).type
+        assert typ.shape == [1, 8, 8] and typ.permutation is None
+    calibration = read_calibration(path, batch_size=2)
+    assert calibration.shape == (1, 8, 8)
+    _, xs, ys = _collect(calibration)
+    assert torch.equal(xs, torch.from_numpy(x)) and torch.equal(ys, torch.from_numpy(x))
+    batches = [b for b, _ in read_calibration(path, batch_size=2)]
+    assert [b.data_ptr() - batches[0].data_ptr() for b in batches] == [0, 2 * 256, 4 * 256]
+
+
 def test_writer_refuses_bad_inputs(tmp_path):
     with pytest.raises(CalibrationError, match="N >= 1"):
         write_calibration(tmp_path / "a", np.zeros((0, 4), np.float32))
@@ -149,6 +180,12 @@ def _tensor(n, shape=(2, 3), dtype=np.float32):
     return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ones((n, *shape), dtype))
 
 
+def _transposed():
+    """Rows stored column-major: pyarrow records shape [2, 3] with permutation [1, 0]."""
+    x = np.arange(24, dtype=np.float32).reshape(4, 2, 3).transpose(0, 2, 1)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(x)
+
+
 SCHEMA_CASES = {
     "no_input": (pa.table({"pixels": _tensor(4)}), None, r"no column 'input'.*pixels"),
     "var_list": (pa.table({"input": pa.array([[1.0, 2.0]] * 4)}), None, r"column 'input' has type list"),
@@ -159,6 +196,10 @@ SCHEMA_CASES = {
                     [2, 2], r"column 'input' has 6 values per row.*\[2, 2\] holds 4"),
     "shape_conflict": (pa.table({"input": _tensor(4)}), [3, 2], r"column 'input' holds tensors of shape \[2, 3\]"),
     "empty": (pa.table({"input": _tensor(2).slice(0, 0)}), None, r"no rows"),
+    "permuted": (pa.table({"input": _transposed()}), None,
+                 r"column 'input' stores tensors of shape \[3, 2\] with dimension permutation \[1, 0\]"),
+    "permuted_target": (pa.table({"input": _tensor(4), "target": _transposed()}), None,
+                        r"column 'target' stores tensors of shape \[3, 2\].*permutation \[1, 0\]"),
     "null_rows": (pa.table({"input": pa.ExtensionArray.from_storage(
         pa.fixed_shape_tensor(pa.float32(), [2]), pa.array([[1.0, 2.0], None], pa.list_(pa.float32(), 2)))}),
         None, r"column 'input' has 1 null"),

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from quantizer.artifacts import load_artifact, save_artifact
 from quantizer.calibration import read_calibration, write_calibration
-from quantizer.checkpoints import (file_digest, import_factory, load_artifact, load_model,
-                                   load_state_dict, read_bytes, save_artifact)
+from quantizer.checkpoints import file_digest, import_factory, load_model, load_state_dict, read_bytes
 from quantizer.errors import (ArtifactError, CheckpointError, CheckpointKeysError, FactoryError,
                               UnsafePickleError)
 from quantizer.fp16 import to_fp16
@@ -243,7 +243,10 @@ def test_fp16_artifact_round_trip_is_bit_identical(tiny, tmp_path):
             loaded = load_artifact(source)
             assert loaded.fc.weight.dtype == torch.float16 and not loaded.training
             assert torch.equal(loaded(X.half()), expected)
-        assert torch.equal(torch.jit.load(folder / "model.torchscript.pt")(X.half()), expected)
+        scripted = torch.jit.load(folder / "model.torchscript.pt")
+        assert torch.equal(scripted(X.half()), expected)
+        example = X[:1].half()
+        assert torch.allclose(scripted(example), half(example), rtol=0, atol=1e-3)
 
 
 def test_untraceable_model_still_gets_an_artifact(tiny, tmp_path):
@@ -255,6 +258,28 @@ def test_untraceable_model_still_gets_an_artifact(tiny, tmp_path):
     assert "RuntimeError" in recipe.pop("torchscript_error") and recipe == _recipe("fp16")
     _check_files(folder, files)
     assert load_artifact(folder).fc.weight.dtype == torch.float16
+
+
+class _CountsCalls(torch.nn.Module):
+    """Python state a trace freezes: the traced copy keeps adding 1, the module adds 1, 2, ..."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.linear(x) + self.calls
+
+
+def test_traced_copy_that_disagrees_with_the_module_is_dropped(tmp_path):
+    folder = tmp_path / "art"
+    files = save_artifact(_CountsCalls(), folder, _recipe("fp16"), torch.ones(1, 4))
+    assert [f["path"] for f in files] == ["model.pt", "recipe.json"]
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert "outputs differ from the module's on the example" in recipe["torchscript_error"]
+    _check_files(folder, files)
 
 
 def test_save_artifact_refuses_non_json_recipe(tiny, tmp_path):
@@ -297,7 +322,10 @@ def test_int8_artifact_round_trip_is_bit_identical(tiny, tmp_path):
     assert torch.backends.quantized.engine == "fbgemm"
     assert any(v.dtype == torch.qint8 for v in loaded.state_dict().values()
                if isinstance(v, torch.Tensor))
+    assert "torchscript_error" not in json.loads((folder / "recipe.json").read_text())
+    scripted = torch.jit.load(folder / "model.torchscript.pt")
+    example = torch.from_numpy(x[:1])
     with torch.no_grad():
         assert torch.equal(loaded(X), converted(X))
-        if "model.torchscript.pt" in [f["path"] for f in files]:
-            assert torch.equal(torch.jit.load(folder / "model.torchscript.pt")(X), converted(X))
+        assert torch.equal(scripted(example), converted(example))      # atol 0
+        assert torch.equal(scripted(X), converted(X))

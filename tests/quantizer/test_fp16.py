@@ -29,7 +29,7 @@ def test_copy_is_half_eval_and_independent(cnn):
     assert all(p.dtype == torch.float32 for p in cnn.parameters())
 
 
-def test_original_untouched_after_using_the_copy(mlp, digits):
+def test_original_untouched_after_using_the_copy(mlp):
     before = snapshot(mlp)
     half = to_fp16(mlp)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from quantizer.int8 import (
     BACKENDS, OBSERVERS, CalibrationWarning, quantized_fraction, rebuild_int8, set_engine, to_int8,
 )
 from tests.quantizer.conftest import (
-    LSTMClassifier, SmallCNN, MLP, batches, same_state, snapshot, state_bytes,
+    LSTMClassifier, SmallCNN, batches, same_state, snapshot, state_bytes,
 )
 
 
@@ -170,7 +170,7 @@ def test_untraceable_model_names_class_module_and_line(mlp_loader):
     assert "fp16" in message and "control flow" in message
 
 
-def test_wrong_input_shape_names_got_and_expected(cnn, digits):
+def test_wrong_input_shape_names_got_and_expected(cnn):
     wrong = [(torch.rand(8, 3, 8, 8), torch.zeros(8))]
     with pytest.raises(InputShapeError) as info:
         to_int8(cnn, wrong)
