@@ -50,6 +50,7 @@ class RunResult:
     rows: list[dict] = field(default_factory=list)   # what this run did, one per unit
     ray_started: bool = False     # this run started (or joined) Ray itself
     ray_used: bool = False        # there was work, so it ran on Ray (started here or not)
+    ray_mode: str | None = None   # "local" (started here), "joined" (a cluster) or "existing"
     duration_s: float = 0.0
 
     @property
@@ -148,7 +149,8 @@ def _fan_out(todo, store, opts, manifest, result, progress, zoo_dir) -> None:
 
     from jobs.task import convert_task
 
-    result.ray_started = _connect(opts, zoo_dir)
+    result.ray_mode = _connect(opts, zoo_dir)
+    result.ray_started = result.ray_mode != "existing"
     result.ray_used = True
     try:
         tables = _share_tables(todo)
@@ -231,24 +233,24 @@ def _share_tables(todo: list[Unit]) -> dict:
     return shared
 
 
-def _connect(opts: RunOptions, zoo_dir: str) -> bool:
-    """Join --address / RAY_ADDRESS, or start a local Ray; True if this run started it."""
+def _connect(opts: RunOptions, zoo_dir: str) -> str:
+    """Join --address / RAY_ADDRESS ("joined"), or start a local Ray ("local")."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return "existing"
     address = opts.address or os.environ.get("RAY_ADDRESS")
     if address and address not in ("local",):
         _probe(address)
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        return True
+        return "joined"
     # Factories next to the zoo file or in the current folder import in workers as they would
     # in the user's shell.
     paths = [os.getcwd(), zoo_dir, os.environ.get("PYTHONPATH", "")]
     pythonpath = os.pathsep.join(p for p in paths if p)
     ray.init(num_cpus=opts.num_cpus, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    return True
+    return "local"
 
 
 def _probe(address: str) -> None:
@@ -289,7 +291,7 @@ def _finish(store: Store, manifest: Manifest, result: RunResult, zoo: Zoo, t0: f
     store.write_json(f"runs/{result.run_id}.json", {
         "run_id": result.run_id, "zoo": os.path.abspath(zoo.path), "store": store.display,
         "host": socket.gethostname(), "finished_at": now_iso(), "duration_s": result.duration_s,
-        "ray_used": result.ray_used, "counts": result.counts, "rows": result.rows,
+        "ray_used": result.ray_used, "ray_mode": result.ray_mode, "counts": result.counts, "rows": result.rows,
         "argv": [redact_uri(a) for a in sys.argv],
     })
     html = render_report(manifest.sorted_rows(), run={

@@ -18,11 +18,11 @@ from importlib import metadata
 import pyarrow.fs as pafs
 
 from jobs.manifest import Manifest
-from jobs.store import Store, filesystem_for
+from jobs.store import Store, StoreError, filesystem_for, redact_uri, retry_io
 from jobs.zoo import ModelSpec, Zoo
 
 HASH_CACHE = ".cache/source-hashes.json"
-SHARD_SUFFIXES = (".arrow", ".feather", ".ipc", ".parquet")
+SHARD_SUFFIXES = (".arrow", ".feather", ".parquet")   # as quantizer.shards reads
 KEY_CHARS = 24
 ARTIFACT_FILE = "model.pt"   # the file quantizer.load_artifact takes
 
@@ -77,34 +77,35 @@ class SourceHasher:
 
     def digest(self, uri: str) -> Source:
         fs, path, local = filesystem_for(uri)
-        info = fs.get_file_info(path)
+        info = _io(uri, fs.get_file_info, path)
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{uri}: not found")
+            raise FileNotFoundError(f"{redact_uri(uri)}: not found")
         if local:
             st = os.stat(path)
             ident = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         else:
             ident = [info.size, info.mtime_ns]
-        cached = self.cache.get(uri)
+        name = redact_uri(uri)      # the cache is written to DEST: no credentials in it
+        cached = self.cache.get(name)
         if cached and cached.get("ident") == ident:
             return Source(uri, cached["sha256"], cached["bytes"])
-        sha, size = _hash_file(fs, path)
+        sha, size = _io(uri, _hash_file, fs, path)
         self.hashed += 1
-        self.cache[uri] = {"ident": ident, "sha256": sha, "bytes": size}
+        self.cache[name] = {"ident": ident, "sha256": sha, "bytes": size}
         self.dirty = True
         return Source(uri, sha, size)
 
     def digest_dataset(self, uri: str) -> str:
         """One sha256 over every shard of a calibration file or folder."""
         fs, path, _ = filesystem_for(uri)
-        info = fs.get_file_info(path)
+        info = _io(uri, fs.get_file_info, path)
         if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{uri}: not found")
+            raise FileNotFoundError(f"{redact_uri(uri)}: not found")
         if info.type == pafs.FileType.File:
             return self.digest(uri).sha256
         sel = pafs.FileSelector(path, recursive=False)
         names = sorted(
-            i.base_name for i in fs.get_file_info(sel)
+            i.base_name for i in _io(uri, fs.get_file_info, sel)
             if i.type == pafs.FileType.File and i.base_name.endswith(SHARD_SUFFIXES)
             and not i.base_name.startswith((".", "_")))
         h = hashlib.sha256()
@@ -116,6 +117,14 @@ class SourceHasher:
         if self.dirty:
             self.store.write_json(HASH_CACHE, self.cache)
             self.dirty = False
+
+
+def _io(uri: str, fn, *args):
+    """``fn(*args)`` with the store's retries; a permanent failure stays an OSError (the row's)."""
+    try:
+        return retry_io(fn, *args, what=redact_uri(uri))
+    except StoreError as e:
+        raise OSError(str(e)) from None
 
 
 def _hash_file(fs: pafs.FileSystem, path: str) -> tuple[str, int]:

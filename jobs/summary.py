@@ -45,6 +45,7 @@ def summary_json(result) -> dict:
         "run_id": result.run_id, "store": result.store, "exit_code": result.exit_code,
         "counts": result.counts, "duration_s": result.duration_s,
         "ray_started": result.ray_started, "ray_used": result.ray_used,
+        "ray_mode": result.ray_mode,
         "manifest": f"{result.store}/manifest.json", "report": f"{result.store}/report.html",
         "rows": [{k: r.get(k) for k in SUMMARY_FIELDS} for r in result.rows],
     }
