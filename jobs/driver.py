@@ -248,8 +248,10 @@ def _connect(opts: RunOptions, zoo_dir: str) -> str:
     # in the user's shell.
     paths = [os.getcwd(), zoo_dir, os.environ.get("PYTHONPATH", "")]
     pythonpath = os.pathsep.join(p for p in paths if p)
-    ray.init(num_cpus=opts.num_cpus, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    # address="local": a Ray of our own, even if `ray start` registered one on this machine
+    ray.init(address="local", num_cpus=opts.num_cpus, include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     return "local"
 
 

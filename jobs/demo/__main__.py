@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="train the demo models and write DEST/zoo.yaml")
     build.add_argument("dest", metavar="DEST", help="folder to write (created; overwritten)")
-    build.add_argument("--epochs", type=int, default=12, help="training epochs per model (default 12)")
+    build.add_argument("--epochs", type=int, default=8, help="training epochs per model (default 8)")
     build.add_argument("--seed", type=int, default=0, help="seed of the split and training (default 0)")
     build.add_argument("--quiet", action="store_true", help="print only the zoo path")
     args = parser.parse_args(argv)

@@ -96,7 +96,7 @@ def train(model: nn.Module, name: str, split: DigitsSplit, *, epochs: int, seed:
     return accuracy(model, name, split.held_x, split.held_y)
 
 
-def build_demo(dest: str, *, epochs: int = 12, seed: int = 0, verbose: bool = True) -> str:
+def build_demo(dest: str, *, epochs: int = 8, seed: int = 0, verbose: bool = True) -> str:
     """Train the demo models and write a ready-to-convert zoo folder (overwriting a previous one).
 
     Writes ``dest/ckpt/NAME.pt`` (``state_dict`` only), calibration shards of the held-out digits
@@ -177,18 +177,18 @@ _DEMO_MODELS = """\
 models:
   - name: residual-cnn            # conv-bn-relu blocks with residual adds
     factory: jobs.demo.models:ResidualCNN
-    kwargs: {num_classes: 10, width: 16}
+    kwargs: {num_classes: 10, width: 48}
     checkpoint: ckpt/residual-cnn.pt   # a state_dict, loaded with torch.load(weights_only=True)
 
   - name: digits-mlp              # plain MLP on the flattened image
     factory: jobs.demo.models:DigitsMLP
-    kwargs: {num_classes: 10, hidden: 128}
+    kwargs: {num_classes: 10, hidden: 320}
     checkpoint: ckpt/digits-mlp.pt
     calibration: {data: calib/flat/}   # takes [B, 64]: the same digits, flattened
 
   - name: depthwise-cnn           # MobileNet-style depthwise-separable convolutions
     factory: jobs.demo.models:DepthwiseCNN
-    kwargs: {num_classes: 10, width: 24}
+    kwargs: {num_classes: 10, width: 384, stem_stride: 2}
     checkpoint: ckpt/depthwise-cnn.pt
 """
 
@@ -217,7 +217,7 @@ _TESTS_EXTRA = """\
 
   - name: tuple-output-cnn        # returns (logits, features): fidelity must handle tuple outputs
     factory: jobs.demo.models:TupleOutputCNN
-    kwargs: {num_classes: 10, width: 16}
+    kwargs: {num_classes: 10, width: 96}
     checkpoint: ckpt/tuple-output-cnn.pt
 """
 

@@ -14,7 +14,9 @@ def ray_local():
     """One local Ray (2 CPUs) for the whole session; stopped at the end."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # address="local": always a new Ray, never one that another process registered on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 
