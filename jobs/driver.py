@@ -155,19 +155,22 @@ def _fan_out(todo, store, opts, manifest, result, progress, zoo_dir) -> None:
     try:
         tables = _share_tables(todo)
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        largest = _largest_node_memory()
         queue, pending, last_flush = list(todo), {}, time.monotonic()
         while queue or pending:
             while queue and len(pending) < window:
                 unit = queue.pop(0)
+                oversized = _oversized(unit, result.run_id, largest)
+                if oversized:   # Ray would keep an infeasible task pending forever
+                    _record(oversized, unit, manifest, result, progress, len(pending))
+                    continue
                 pending[_submit(convert_task, unit, store, opts, result, tables)] = unit
             progress.update(running=len(pending))
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
                 unit = pending.pop(ref)
                 row = _collect(ref, unit, result.run_id, opts)
-                manifest.record(row)
-                result.rows.append(dict(row, reason=unit.reason))
-                progress.advance(failed=row["status"] == "failed", running=len(pending))
+                _record(row, unit, manifest, result, progress, len(pending))
             if time.monotonic() - last_flush > FLUSH_EVERY_S:
                 manifest.write(store)
                 last_flush = time.monotonic()
@@ -177,9 +180,39 @@ def _fan_out(todo, store, opts, manifest, result, progress, zoo_dir) -> None:
             ray.shutdown()
 
 
-def _submit(task, unit, store, opts, result, tables):
+def _record(row, unit, manifest, result, progress, running: int) -> None:
+    manifest.record(row)
+    result.rows.append(dict(row, reason=unit.reason))
+    progress.advance(failed=row["status"] == "failed", running=running)
+
+
+def _memory_request(unit: Unit) -> int:
+    """Bytes a task asks Ray for: a loaded model and its converted copy are a few times its file."""
     size = unit.source.bytes if unit.source else 0
-    options = task.options(num_cpus=opts.task_cpus, memory=int(256 * 2**20 + 8 * size),
+    return int(256 * 2**20 + 8 * size)
+
+
+def _largest_node_memory() -> float:
+    import ray
+
+    return max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")),
+               default=0)
+
+
+def _oversized(unit: Unit, run_id: str, largest: float) -> dict | None:
+    """A failed row when no live node offers the memory the unit's task asks for, else None."""
+    need = _memory_request(unit)
+    if need <= largest:
+        return None
+    msg = (f"model {unit.spec.name} needs about {need / 2**20:.0f} MiB of memory (8 x its "
+           f"{(need - 256 * 2**20) / 8 / 2**20:.0f} MiB checkpoint + 256 MiB) and the largest node "
+           f"of the cluster offers {largest / 2**20:.0f} MiB; it was not started. Run it on a "
+           f"cluster with a larger node.")
+    return _failed_row(unit, run_id, "OutOfMemory", msg, attempts=0)
+
+
+def _submit(task, unit, store, opts, result, tables):
+    options = task.options(num_cpus=opts.task_cpus, memory=_memory_request(unit),
                            max_retries=opts.max_retries)
     cal = unit.spec.calibration
     table = tables.get((cal.data, cal.shape))
@@ -201,13 +234,17 @@ def _collect(ref, unit: Unit, run_id: str, opts: RunOptions) -> dict:
         kind, msg = type(cause).__name__, str(cause)
     except ray.exceptions.RayError as e:
         kind, msg = type(e).__name__, str(e)
+    return _failed_row(unit, run_id, kind, msg, attempts=opts.max_retries + 1)
+
+
+def _failed_row(unit: Unit, run_id: str, kind: str, msg: str, attempts: int) -> dict:
     return blank_row(
         name=unit.spec.name, precision=unit.precision, backend=unit.spec.backend,
         status="failed", key=unit.key, run_id=run_id, source_uri=redact_uri(unit.spec.checkpoint),
         source_sha256=unit.source and unit.source.sha256,
         source_bytes=unit.source and unit.source.bytes, error_type=kind,
         error_message=msg.strip().splitlines()[0][:2000] if msg.strip() else kind,
-        attempts=opts.max_retries + 1, finished_at=now_iso(), factory=unit.spec.factory)
+        attempts=attempts, finished_at=now_iso(), factory=unit.spec.factory)
 
 
 def _share_tables(todo: list[Unit]) -> dict:
@@ -290,6 +327,8 @@ def _finish(store: Store, manifest: Manifest, result: RunResult, zoo: Zoo, t0: f
 
     result.duration_s = round(time.perf_counter() - t0, 3)
     manifest.write(store)
+    if result.ray_used:
+        store.delete(f".attempts/{result.run_id}")   # per-run retry counters: no longer needed
     store.write_json(f"runs/{result.run_id}.json", {
         "run_id": result.run_id, "zoo": os.path.abspath(zoo.path), "store": store.display,
         "host": socket.gethostname(), "finished_at": now_iso(), "duration_s": result.duration_s,
