@@ -84,13 +84,13 @@ def test_artifacts_reload_and_match_the_manifest(converted, demo_dir):
 
 def _check_outputs_match_measurement(model, row, demo_dir):
     """Recompute SQNR on the rows the task held out: the reloaded artifact gives the same figure."""
-    from jobs.task import FIDELITY_ROWS
     from quantizer.calibration import read_table
 
     data = "calib/flat/" if row["name"] == "digits-mlp" else "calib/images/"
     table = read_table(str(demo_dir / data))
     n_cal = row["calibration_batches"] * 16 if row["precision"] == "int8" else 10 * 16
-    x = next(iter(quantizer.CalibrationData.from_table(table.slice(n_cal, FIDELITY_ROWS), FIDELITY_ROWS)))[0]
+    rows = row["fidelity_rows"]
+    x = next(iter(quantizer.CalibrationData.from_table(table.slice(n_cal, rows), rows)))[0]
     fp32 = quantizer.load_model(row["factory"], local_path(row["source_uri"]) if "://" in row["source_uri"]
                                 else row["source_uri"], kwargs=_kwargs(demo_dir, row["name"]))
     xc = x.half() if row["precision"] == "fp16" else x
