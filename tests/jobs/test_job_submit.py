@@ -75,7 +75,13 @@ def head(tmp_path_factory):
 def submit(head, working_dir: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"],
            "--working-dir", str(working_dir), "--", "quantize-all", *args]
-    return subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=600)
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=600)
+        # The job server answers before the head's agent is up: Ray says to try again later.
+        if "No available agent" not in done.stderr + done.stdout or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def test_job_submit_joins_the_cluster(head, demo_copy, tmp_path):
