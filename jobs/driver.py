@@ -72,6 +72,7 @@ def new_run_id() -> str:
 def plan_only(zoo: Zoo, out: str, *, force: bool = False) -> list[Unit]:
     """The plan for ``--dry-run``: reads the store, writes nothing."""
     store = Store(out)
+    store.check_reachable()
     return make_plan(zoo, Manifest.load(store), store, SourceHasher(store), force=force)
 
 
@@ -260,12 +261,14 @@ def _share_tables(todo: list[Unit]) -> dict:
             users.setdefault((cal.data, cal.shape), []).append(unit)
     shared = {}
     for (data, shape), units in users.items():
+        if len(units) < 2:
+            continue  # one user: its task streams just the rows it needs from the store
         rows = max(u.spec.calibration.batches * u.spec.calibration.batch_size for u in units)
         try:
             table = read_table(data, shape=list(shape) if shape else None, max_rows=rows + 64)
         except Exception:
             continue  # each task reads it itself and reports the problem in its own row
-        if len(units) > 1 and table.nbytes <= SHARE_MAX_BYTES:
+        if table.nbytes <= SHARE_MAX_BYTES:
             shared[(data, shape)] = ray.put(table)
     return shared
 

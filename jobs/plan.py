@@ -174,8 +174,8 @@ def make_plan(zoo: Zoo, manifest: Manifest, store: Store, hasher: SourceHasher,
 def _try(fn, arg):
     try:
         return fn(arg), None
-    except (OSError, ValueError) as e:
-        return None, str(e)
+    except (OSError, ValueError, StoreError) as e:
+        return None, str(e)  # one unreadable source is its rows' problem, not the run's
 
 
 def _decide(spec, precision, key, source, source_error, row, store, force) -> tuple[str, str]:

@@ -1,23 +1,26 @@
-"""The output store: a folder or a URI behind ``pyarrow.fs``, atomic writes, and the run lock.
+"""The output store: a folder or a URI behind ``pyarrow.fs``, atomic writes, retries, redaction.
 
 Everything quantize-all writes to DEST goes through ``Store``: bytes land under a temporary name and
 are renamed into place (local stores), or are written as one object under a content-addressed key
-(object stores, where a PUT is atomic). The lock keeps two runs on one DEST from interleaving.
-Must not import ray or click.
+(object stores, where a PUT is atomic but there is no rename). Transient store errors (timeouts,
+resets, 5xx) are retried here with bounded exponential backoff; permanent ones (403, a missing
+bucket) raise ``StoreError`` at once. Credentials never leave this module in a URI or a message:
+``redact_uri`` and ``redact_text`` strip them. The run lock lives in ``jobs.lock`` (re-exported
+here as ``StoreLock``). Must not import ray or click.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
-import socket
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -27,7 +30,17 @@ import pyarrow.fs as pafs
 LOCK_EXPIRY_S = 300.0
 LOCK_NAME = ".lock"
 
+# Transient errors: RETRY_ATTEMPTS tries, sleeping RETRY_BASE_S, doubling up to RETRY_MAX_S
+# (0.2 + 0.4 + ... + 5 + 5 = 16 s at most, on top of pyarrow's own 3 tries per request).
+RETRY_ATTEMPTS = 8
+RETRY_BASE_S = 0.2
+RETRY_MAX_S = 5.0
+
 _SECRET_QUERY = re.compile(r"(?i)(secret|token|key|password|credential|signature)")
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "GOOGLE_APPLICATION_CREDENTIALS_JSON")
+_MIN_SECRET_CHARS = 8           # shorter values would mangle ordinary words in messages
+_seen_secrets: set[str] = set()  # user-info seen in URIs parsed by this process
 
 
 class StoreError(Exception):
@@ -52,7 +65,8 @@ class LockHeldError(Exception):
 
 _TRANSIENT = re.compile(
     r"(?i)(time[d ]?out|timed out|connection (reset|refused|aborted)|network_connection|"
-    r"response code: 5\d\d|\b50[0234]\b|slowdown|throttl|temporarily|try again)")
+    r"response code: 5\d\d|\b50[0234]\b|slow_?down|throttl|temporarily|try again|"
+    r"service_?unavailable|internal_?(failure|error)|couldn't connect|curlCode)")
 
 
 def is_transient(error: BaseException) -> bool:
@@ -60,15 +74,35 @@ def is_transient(error: BaseException) -> bool:
     return bool(_TRANSIENT.search(str(error)))
 
 
+def _remember_secrets(uri: str) -> None:
+    parts = urlsplit(uri) if "://" in uri else None
+    for value in (parts.username, parts.password) if parts else ():
+        if value and len(unquote(value)) >= _MIN_SECRET_CHARS:
+            _seen_secrets.update({value, unquote(value)})
+
+
 def redact_text(text: str) -> str:
-    """``text`` with user-info of any URIs in it removed (error messages quote URIs)."""
-    return re.sub(r"([a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1", text)
+    """``text`` without URI user-info, secret query values, or known credential values.
+
+    Known credentials: the AWS key, secret and session token of this process's environment, and
+    user-info of any URI this process parsed with ``redact_uri`` or ``filesystem_for``.
+    """
+    text = re.sub(r"([a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1", text)
+    text = re.sub(r"(?i)([?&][a-z_]*(?:secret|token|password|credential|signature)[a-z_]*=)"
+                  r"[^&\s]*", r"\1***", text)
+    secrets = set(_seen_secrets)
+    secrets.update(v for v in (os.environ.get(k) for k in _SECRET_ENV)
+                   if v and len(v) >= _MIN_SECRET_CHARS)
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def redact_uri(uri: str) -> str:
     """Return ``uri`` without user-info and without secret-looking query parameters."""
     if "://" not in uri:
         return uri
+    _remember_secrets(uri)
     parts = urlsplit(uri)
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = "&".join(
@@ -80,17 +114,55 @@ def redact_uri(uri: str) -> str:
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str, bool]:
     """Return ``(filesystem, path, is_local)`` for a folder path or a ``scheme://`` URI.
 
+    Credentials come from the URI's user-info or pyarrow's usual chain (for S3: the
+    ``AWS_*`` environment, ``~/.aws``, instance roles; ``AWS_ENDPOINT_URL`` or
+    ``?endpoint_override=host:port&scheme=http`` for S3-compatible stores).
+
     Raises:
         StoreError: the URI's scheme or options are not understood by pyarrow.
     """
     if "://" not in uri or uri.startswith("file://"):
         path = urlsplit(uri).path if uri.startswith("file://") else uri
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)), True
+    _remember_secrets(uri)
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as e:
-        raise StoreError(f"cannot open store {redact_uri(uri)}: {e}") from None
+        raise StoreError(_one_line(f"cannot open store {redact_uri(uri)}: {redact_text(str(e))}"))
     return fs, path.rstrip("/"), False
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def retry_io(fn, *args, what: str = "store", **kwargs):
+    """Call ``fn(*args, **kwargs)``, retrying transient ``OSError``s with exponential backoff.
+
+    Returns:
+        What ``fn`` returns.
+
+    Raises:
+        FileNotFoundError: as ``fn`` raised it (never retried).
+        TransientStoreError: still transient after ``RETRY_ATTEMPTS`` tries.
+        StoreError: any other ``OSError`` (403, a missing bucket, ...), at once.
+    """
+    delay = RETRY_BASE_S
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            transient = is_transient(e)
+            if not transient or attempt == RETRY_ATTEMPTS:
+                kind = TransientStoreError if transient else StoreError
+                tries = f" (after {attempt} tries)" if transient else ""
+                raise kind(_one_line(f"{what}: {redact_text(str(e))}{tries}")) from None
+            # full jitter: retries of many workers hitting one store spread out
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(2 * delay, RETRY_MAX_S)
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -102,6 +174,7 @@ class Store:
     def __post_init__(self):
         self.fs, self.root, self.is_local = filesystem_for(self.uri)
         self.display = redact_uri(self.uri) if not self.is_local else self.root
+        self.kind = "local" if self.is_local else self.fs.type_name   # "s3", "gcs", "hdfs", ...
 
     # -- paths ---------------------------------------------------------------------------------
     def path(self, rel: str = "") -> str:
@@ -121,16 +194,24 @@ class Store:
         parts = urlsplit(self.uri)
         return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + rel))
 
+    @property
+    def bucket(self) -> str | None:
+        """The bucket of an object store (s3, gcs), else None."""
+        return self.root.split("/", 1)[0] if self.kind in ("s3", "gcs") else None
+
     # -- reading -------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return self._call(self.fs.get_file_info, self.path(rel)).type != pafs.FileType.NotFound
 
     def read_bytes(self, rel: str) -> bytes | None:
         """The bytes of ``rel``, or None when it does not exist."""
-        if not self.exists(rel):
+        def read():
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        try:
+            return self._call(read)
+        except FileNotFoundError:
             return None
-        with self._call(self.fs.open_input_stream, self.path(rel)) as f:
-            return f.read()
 
     def read_json(self, rel: str):
         data = self.read_bytes(rel)
@@ -148,41 +229,58 @@ class Store:
         """Write ``rel`` atomically: aside then rename (local) or one PUT (object stores)."""
         target = self.path(rel)
         parent = target.rsplit("/", 1)[0]
-        self._call(self.fs.create_dir, parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}" if self.is_local else target
-        with self._call(self.fs.open_output_stream, tmp) as f:
-            f.write(data)
-        if self.is_local:
-            os.replace(tmp, target)
+        if self.kind != "s3":        # S3 has no folders: a marker object would only clutter
+            self._call(self.fs.create_dir, parent, recursive=True)
+        if not self.is_local:
+            self._call(self._put, target, data)
+            return
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
+        self._call(self._put, tmp, data)
+        os.replace(tmp, target)
+
+    def _put(self, path: str, data) -> None:
+        """One whole write; a retry starts it again from the first byte."""
+        with self.fs.open_output_stream(path) as out:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                out.write(data)
+            else:
+                with open(data, "rb") as f:
+                    shutil.copyfileobj(f, out, 8 << 20)
 
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=False, default=str).encode())
 
     def put_dir(self, local_dir: str, rel: str) -> bool:
-        """Publish a finished local folder as ``rel``; False if ``rel`` already exists.
+        """Publish a finished local folder as ``rel``; False if it was already there (local).
 
         Local stores: copy aside into DEST, then one rename, so the folder appears whole or not at
-        all. Object stores: upload file by file under ``rel`` (a content key, so a retry writes the
-        same bytes to the same place); the completion record written after it is the commit.
+        all. Object stores have no rename: every file is (re)uploaded under ``rel``, a content
+        key, so a retried task writes the same bytes to the same place and a folder half-written
+        by a killed attempt is completed; the completion record written after it is the commit.
         """
-        if self.exists(rel):
-            return False
         if self.is_local:
-            target = Path(self.path(rel))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
-            try:
-                shutil.copytree(local_dir, tmp)
-                os.rename(tmp, target)
-            except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if target.is_dir():
-                    return False
-                raise StoreError(f"output store {self.display}: writing {rel}: {e}") from e
-            return True
-        for name in sorted(os.listdir(local_dir)):
-            with open(os.path.join(local_dir, name), "rb") as f:
-                self.write_bytes(f"{rel}/{name}", f.read())
+            return self._put_dir_local(local_dir, rel)
+        for dirpath, _, filenames in os.walk(local_dir):
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                sub = os.path.relpath(full, local_dir).replace(os.sep, "/")
+                self._call(self._put, self.path(f"{rel}/{sub}"), full)
+        return True
+
+    def _put_dir_local(self, local_dir: str, rel: str) -> bool:
+        target = Path(self.path(rel))
+        if target.is_dir():
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
+        try:
+            shutil.copytree(local_dir, tmp)
+            os.rename(tmp, target)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if target.is_dir():
+                return False
+            raise StoreError(f"output store {self.display}: writing {rel}: {e}") from e
         return True
 
     def delete(self, rel: str) -> None:
@@ -205,106 +303,29 @@ class Store:
             dirnames[:] = [d for d in dirnames if not d.startswith(".tmp-")]
         return count
 
+    def check_reachable(self) -> None:
+        """Fail early with a one-line StoreError when DEST's bucket is missing or forbidden."""
+        if self.bucket is None:
+            return
+        info = self._call(self.fs.get_file_info, self.bucket)
+        if info.type == pafs.FileType.NotFound:
+            raise StoreError(f"output store {self.display}: bucket {self.bucket!r} does not "
+                             f"exist (or these credentials cannot see it); create it or fix --out")
+
     def check_writable(self) -> None:
         """Fail early (StoreError) when DEST cannot be created or written."""
+        self.check_reachable()
         self.write_bytes(".probe", b"ok")
         self.delete(".probe")
 
     def _call(self, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            kind = TransientStoreError if is_transient(e) else StoreError
-            raise kind(f"output store {self.display}: {redact_text(str(e))}") from e
+        return retry_io(fn, *args, what=f"output store {self.display}", **kwargs)
 
 
-# -- the lock -------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _holder_is_dead(holder: dict, now: float) -> bool:
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        if not _pid_alive(holder["pid"]):
-            return True
-    return now - float(holder.get("heartbeat", 0)) > LOCK_EXPIRY_S
-
-
-class StoreLock:
-    """An exclusive lock on DEST: a ``.lock`` file created with O_EXCL, refreshed by heartbeat.
-
-    Local stores only here; object stores get their own lock in ``jobs.store`` (documented in
-    README: without conditional writes an object store cannot arbitrate, so the lock there is
-    advisory).
-    """
-
-    def __init__(self, store: Store, run_id: str):
-        self.store, self.run_id = store, run_id
-        self.path = store.path(LOCK_NAME)
-        self.holder = {
-            "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "heartbeat": time.time(),
-        }
-
-    def acquire(self) -> None:
-        """Take the lock, taking over a dead holder's lock; LockHeldError if it is alive."""
-        os.makedirs(self.store.root, exist_ok=True)
-        for _ in range(3):
-            if self._create():
-                return
-            holder = self._read()
-            if holder is None:
-                continue
-            if not _holder_is_dead(holder, time.time()):
-                raise LockHeldError(self.store.display, holder)
-            # Renaming the stale lock aside is atomic: of two runs taking over at once,
-            # only one rename succeeds and the loser sees the winner's fresh lock.
-            try:
-                os.rename(self.path, f"{self.path}.stale-{uuid.uuid4().hex}")
-            except FileNotFoundError:
-                continue
-        holder = self._read() or {}
-        raise LockHeldError(self.store.display, holder)
-
-    def heartbeat(self) -> None:
-        self.holder["heartbeat"] = time.time()
-        current = self._read()
-        if current is not None and current.get("run_id") == self.run_id:
-            tmp = f"{self.path}.hb-{uuid.uuid4().hex}"
-            Path(tmp).write_text(json.dumps(self.holder))
-            os.replace(tmp, self.path)
-
-    def release(self) -> None:
-        current = self._read()
-        if current is not None and current.get("run_id") == self.run_id:
-            os.remove(self.path)
-        for stale in Path(self.store.root).glob(f"{LOCK_NAME}.stale-*"):
-            stale.unlink(missing_ok=True)
-
-    def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.holder, f)
-        return True
-
-    def _read(self) -> dict | None:
-        try:
-            return json.loads(Path(self.path).read_text() or "{}")
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:
-            # A holder killed between O_EXCL create and its write leaves an empty file: treat
-            # it as a lock with no heartbeat, which expires at once.
-            return {"heartbeat": 0}
+def __getattr__(name: str):
+    # The lock needs Store, so it lives in jobs.lock; this keeps ``from jobs.store import
+    # StoreLock`` working without a circular import.
+    if name == "StoreLock":
+        from jobs.lock import StoreLock
+        return StoreLock
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ Ray retries the task.
 from __future__ import annotations
 
 import io
+import random
 import shutil
 import socket
 import tempfile
@@ -22,11 +23,12 @@ import torch
 import quantizer
 from jobs.manifest import blank_row, now_iso
 from jobs.plan import ARTIFACT_FILE
-from jobs.store import Store, StoreError, TransientStoreError, redact_text, redact_uri
+from jobs.store import (RETRY_ATTEMPTS, RETRY_BASE_S, RETRY_MAX_S, Store, StoreError,
+                         TransientStoreError, is_transient, redact_text, redact_uri)
 
 FIDELITY_ROWS = 64            # held-out rows for SQNR / top-1 agreement
-FP16_FIDELITY_ROWS = 16       # fp16 kernels on a CPU are ~10x slower than fp32: fewer rows
-LATENCY_BUDGET_S = 1.0        # per model and precision, at batch 1
+FP16_FIDELITY_ROWS = 8        # fp16 kernels on a CPU are ~10x slower than fp32: fewer rows
+LATENCY_BUDGET_S = 0.5        # per model and precision, at batch 1
 SLOW_FORWARD_S = 0.5          # one batch-1 fp16 forward slower than this: latency not measured
 RETRY_EXCEPTIONS = [TransientStoreError, ConnectionError, TimeoutError]
 
@@ -59,14 +61,45 @@ def convert_unit(payload: dict, table=None) -> dict:
         row.update(status="failed", error_type="OutOfMemory",
                    error_message=f"ran out of memory converting {payload['name']}: {e}")
     except Exception as e:  # one bad model never sinks the batch
+        if _transient_io(e):   # still failing after local retries: let Ray retry the task
+            raise TransientStoreError(redact_text(str(e))) from None
         row.update(status="failed", error_type=type(e).__name__,
                    error_message=redact_text(str(e)) or repr(e))
     row.update(finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3))
     return row
 
 
+def _transient_io(error: BaseException) -> bool:
+    """True when an I/O error worth retrying (timeout, 5xx) caused ``error``.
+
+    Only OSErrors in the chain count: a model's own message that happens to say "500" does not.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and is_transient(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _retrying(fn, *args, **kwargs):
+    """Reads from a remote store go through quantizer (no jobs there): retry them here when
+    the error looks transient (timeouts, 5xx), with the store's backoff."""
+    delay = RETRY_BASE_S
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if attempt == RETRY_ATTEMPTS or not _transient_io(e):
+                raise
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(2 * delay, RETRY_MAX_S)
+    raise AssertionError("unreachable")
+
+
 def _convert_and_publish(p: dict, table) -> dict:
-    model = quantizer.load_model(p["factory"], p["checkpoint"], kwargs=p["kwargs"],
+    model = _retrying(quantizer.load_model, p["factory"], p["checkpoint"], kwargs=p["kwargs"],
                                  allow_pickle=p["allow_pickle"])
     calib, held_out, heldout_note = _split_data(p, table)
     out: dict = {"params": sum(t.numel() for t in model.parameters())}
@@ -94,7 +127,7 @@ def _split_data(p: dict, table):
         return None, None, "no calibration data: fidelity and latency not measured"
     n_cal = cal["batches"] * cal["batch_size"]
     if table is None:
-        table = quantizer.calibration.read_table(
+        table = _retrying(quantizer.calibration.read_table,
             cal["data"], shape=cal.get("shape"), max_rows=n_cal + FIDELITY_ROWS)
     if table.num_rows > n_cal:
         eval_table, note = table.slice(n_cal, FIDELITY_ROWS), None

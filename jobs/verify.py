@@ -23,6 +23,7 @@ def verify_store(out: str, only: tuple[str, ...] = ()) -> list[dict]:
         StoreError: DEST cannot be read.
     """
     store = Store(out)
+    store.check_reachable()
     results = []
     for row in Manifest.load(store).sorted_rows():
         if row.get("status") != "ok" or not row.get("artifact_uri"):

@@ -26,17 +26,21 @@ defaults:
   calibration: {data: calib/images/, batches: 4, batch_size: 16}
 models:
 """
+def _entry(name: str, cls: str, extra: str = "") -> str:
+    from jobs.demo.models import DEMO_MODELS, TEST_MODELS
+
+    kwargs = json.dumps({**DEMO_MODELS, **TEST_MODELS}[name][1])
+    return (f'  - {{name: {name}, factory: "jobs.demo.models:{cls}", kwargs: {kwargs}, '
+            f'checkpoint: ckpt/{name}.pt{extra}}}')
+
+
 ENTRIES = [
-    '  - {name: residual-cnn, factory: "jobs.demo.models:ResidualCNN", checkpoint: ckpt/residual-cnn.pt}',
-    '  - {name: digits-mlp, factory: "jobs.demo.models:DigitsMLP", checkpoint: ckpt/digits-mlp.pt,'
-    ' calibration: {data: calib/flat/}}',
-    '  - {name: depthwise-cnn, factory: "jobs.demo.models:DepthwiseCNN", checkpoint: ckpt/depthwise-cnn.pt}',
-    '  - {name: tuple-output-cnn, factory: "jobs.demo.models:TupleOutputCNN",'
-    ' checkpoint: ckpt/tuple-output-cnn.pt}',
-    '  - {name: gated-cnn, factory: "jobs.demo.models:GatedCNN", checkpoint: ckpt/gated-cnn.pt,'
-    ' precisions: [fp16]}',
-    '  - {name: lstm-classifier, factory: "jobs.demo.models:LSTMClassifier",'
-    ' checkpoint: ckpt/lstm-classifier.pt, precisions: [fp16]}',
+    _entry("residual-cnn", "ResidualCNN"),
+    _entry("digits-mlp", "DigitsMLP", ", calibration: {data: calib/flat/}"),
+    _entry("depthwise-cnn", "DepthwiseCNN"),
+    _entry("tuple-output-cnn", "TupleOutputCNN"),
+    _entry("gated-cnn", "GatedCNN", ", precisions: [fp16]"),
+    _entry("lstm-classifier", "LSTMClassifier", ", precisions: [fp16]"),
 ]
 SIX = HEADER + "\n".join(ENTRIES) + "\n"
 
