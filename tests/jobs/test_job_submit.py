@@ -51,12 +51,17 @@ def head(tmp_path_factory):
     """A Ray head with its dashboard (the job server) on 127.0.0.1, stopped by PID."""
     temp = Path("/tmp") / f"qa-head-{os.getpid()}"   # Ray wants a short path (unix sockets)
     gcs, dash = free_port(), free_port()
+    # Own ports for every agent: another Ray in this process (the session's) holds the defaults,
+    # and a head whose agent cannot bind answers "No available agent to submit job".
+    agents = [f"--{flag}={free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *agents],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     try:
@@ -84,7 +89,8 @@ def submit(head, working_dir: Path, *args: str) -> subprocess.CompletedProcess:
         time.sleep(2)
 
 
-def test_job_submit_joins_the_cluster(head, demo_copy, tmp_path):
+def test_job_submit_joins_the_cluster(ray_local, head, demo_copy, tmp_path):
+    # ray_local: the session's Ray runs beside the head, as in the full suite
     out = tmp_path / "out"
     done = submit(head, demo_copy, "zoo.yaml", "--out", str(out), "--json")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
