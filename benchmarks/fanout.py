@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 from benchmarks import harness
@@ -147,10 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", help="keep the zoo and outputs here (default: a temp dir)")
     parser.add_argument("--baseline", nargs=2, metavar=("ZOO", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.workdir:
-        return _main(args, args.workdir)
-    with tempfile.TemporaryDirectory(prefix="bench-fanout-") as work:   # checkpoints: ~1 GB
-        return _main(args, work)
+    return harness.in_workdir(args, "bench-fanout-", _main)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,12 @@ def print_figures(figures: dict) -> None:
         if isinstance(value, float):
             value = f"{value:.3f}"
         print(f"{name}: {value}", flush=True)
+
+
+def in_workdir(args, prefix: str, body) -> int:
+    """``body(args, work)`` in ``--workdir`` if given, else in a temporary folder removed after
+    (the generated checkpoints can take a few GB)."""
+    if args.workdir:
+        return body(args, args.workdir)
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        return body(args, work)

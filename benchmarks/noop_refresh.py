@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from benchmarks import harness
 
@@ -79,10 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="20 models, 3 timed refreshes")
     parser.add_argument("--workdir", help="keep the zoo and output here (default: a temp dir)")
     args = parser.parse_args(argv)
-    if args.workdir:
-        return _main(args, args.workdir)
-    with tempfile.TemporaryDirectory(prefix="bench-noop-") as work:   # checkpoints: ~1 GB
-        return _main(args, work)
+    return harness.in_workdir(args, "bench-noop-", _main)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from benchmarks import harness
 
@@ -78,10 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="50 models; RSS at 20 and 200")
     parser.add_argument("--workdir", help="keep zoos and outputs here (default: a temp dir)")
     args = parser.parse_args(argv)
-    if args.workdir:
-        return _main(args, args.workdir)
-    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as work:   # checkpoints: ~1 GB
-        return _main(args, work)
+    return harness.in_workdir(args, "bench-overhead-", _main)
 
 
 if __name__ == "__main__":
