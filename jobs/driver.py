@@ -133,7 +133,9 @@ def payload_of(unit: Unit, store: Store, run_id: str) -> dict:
     return {
         "name": s.name, "precision": unit.precision, "key": unit.key, "run_id": run_id,
         "factory": s.factory, "kwargs": dict(s.kwargs), "checkpoint": s.checkpoint,
-        "allow_pickle": s.allow_pickle, "backend": s.backend, "observer": s.observer,
+        # backend and observer only shape int8 results; an fp16 row does not claim one
+        "allow_pickle": s.allow_pickle, "backend": s.backend if unit.precision == "int8" else None,
+        "observer": s.observer if unit.precision == "int8" else None,
         "calibration": {"data": cal.data, "batches": cal.batches, "batch_size": cal.batch_size,
                         "shape": list(cal.shape) if cal.shape else None},
         "min_sqnr_db": s.min_sqnr_db, "min_speedup": s.min_speedup,
@@ -240,7 +242,8 @@ def _collect(ref, unit: Unit, run_id: str, opts: RunOptions) -> dict:
 
 def _failed_row(unit: Unit, run_id: str, kind: str, msg: str, attempts: int) -> dict:
     return blank_row(
-        name=unit.spec.name, precision=unit.precision, backend=unit.spec.backend,
+        name=unit.spec.name, precision=unit.precision,
+        backend=unit.spec.backend if unit.precision == "int8" else None,
         status="failed", key=unit.key, run_id=run_id, source_uri=redact_uri(unit.spec.checkpoint),
         source_sha256=unit.source and unit.source.sha256,
         source_bytes=unit.source and unit.source.bytes, error_type=kind,
