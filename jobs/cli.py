@@ -98,6 +98,9 @@ def _run(spec, out, address, num_cpus, max_retries, force, as_json, human) -> in
                              max_retries=max_retries, force=force)
     try:
         result = driver.run(spec, opts)
+    except KeyboardInterrupt:
+        raise ExitError("interrupted: what finished is recorded in the manifest; run the same "
+                        "command again to convert the rest", 130) from None
     except LockHeldError as e:
         raise ExitError(str(e), 3) from None
     except (StoreError, driver.RayUnavailableError) as e:

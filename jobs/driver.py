@@ -90,6 +90,7 @@ def run(zoo: Zoo, opts: RunOptions, *, progress: Progress | None = None) -> RunR
     lock = StoreLock(store, result.run_id)
     lock.acquire()
     stop = _start_heartbeat(lock)
+    manifest = None
     try:
         store.sweep_temporaries()
         manifest = Manifest.load(store)
@@ -102,6 +103,10 @@ def run(zoo: Zoo, opts: RunOptions, *, progress: Progress | None = None) -> RunR
                      os.path.dirname(os.path.abspath(zoo.path)))
         manifest.mark_retired({m.name for m in zoo.models})
         _finish(store, manifest, result, zoo, t0)
+    except KeyboardInterrupt:
+        if manifest is not None and result.rows:
+            manifest.write(store)   # keep what finished; the next run converts the rest
+        raise
     finally:
         stop.set()
         lock.release()

@@ -245,3 +245,23 @@ def test_live_foreign_lock_blocks_until_it_expires(ray_local, six, tmp_path):
     (out / ".lock").write_text(json.dumps(holder))
     code, summary, _ = cli(*args)
     assert code == 0 and summary["counts"]["ok"] == 1
+
+
+def test_ctrl_c_keeps_what_finished_and_releases_the_lock(ray_local, six, tmp_path):
+    out = tmp_path / "out"
+    proc = _spawn(six, out, ray_local.get_runtime_context().gcs_address)
+    deadline = time.monotonic() + 120
+    while not list((out / "artifacts").glob("*/*/*.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run the same command again" in err
+    assert not (out / ".lock").exists()
+    recorded = {(r["name"], r["precision"]) for r in read_manifest(out)["rows"]}
+    assert recorded, "the rows that finished before Ctrl-C are in the manifest"
+    code, summary, _ = cli(six, "--out", out)
+    assert code == 0
+    again = {(r["name"], r["precision"]) for r in summary["rows"] if r["status"] == "ok"}
+    assert not again & recorded and len(again | recorded) == 10   # nothing converted twice
