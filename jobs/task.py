@@ -100,7 +100,7 @@ def _retrying(fn, *args, **kwargs):
 
 def _convert_and_publish(p: dict, table) -> dict:
     model = _retrying(quantizer.load_model, p["factory"], p["checkpoint"], kwargs=p["kwargs"],
-                                 allow_pickle=p["allow_pickle"])
+                      allow_pickle=p["allow_pickle"])
     calib, held_out, heldout_note = _split_data(p, table)
     out: dict = {"params": sum(t.numel() for t in model.parameters())}
     out["fp32_bytes"] = _state_bytes(model)
@@ -127,8 +127,8 @@ def _split_data(p: dict, table):
         return None, None, "no calibration data: fidelity and latency not measured"
     n_cal = cal["batches"] * cal["batch_size"]
     if table is None:
-        table = _retrying(quantizer.calibration.read_table,
-            cal["data"], shape=cal.get("shape"), max_rows=n_cal + FIDELITY_ROWS)
+        table = _retrying(quantizer.calibration.read_table, cal["data"],
+                          shape=cal.get("shape"), max_rows=n_cal + FIDELITY_ROWS)
     if table.num_rows > n_cal:
         eval_table, note = table.slice(n_cal, FIDELITY_ROWS), None
     else:
