@@ -153,11 +153,18 @@ def payload_of(unit: Unit, store: Store, run_id: str) -> dict:
 
 
 def _fan_out(todo, store, opts, manifest, result, progress, zoo_dir) -> None:
+    import importlib
+
     import ray
 
+    # Importing torch (through jobs.task) takes a second or two; ray.init mostly waits for the
+    # processes it starts. Overlap them.
+    preload = threading.Thread(target=importlib.import_module, args=("jobs.task",), daemon=True)
+    preload.start()
+    result.ray_mode = _connect(opts, zoo_dir)
+    preload.join()
     from jobs.task import convert_task
 
-    result.ray_mode = _connect(opts, zoo_dir)
     result.ray_started = result.ray_mode != "existing"
     result.ray_used = True
     try:
