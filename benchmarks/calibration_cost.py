@@ -18,7 +18,6 @@ Must not import ray or jobs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -96,10 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 repeat instead of 5")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", DeprecationWarning)
-    info = harness.machine()
-    print(f"machine: {json.dumps(info)}", file=sys.stderr)
-    figures = {"cores": info["cores"], "load_1min_at_start": info["load_1min"],
-               "model": "resnet18", "calibration_batches": BATCHES, "batch_size": BATCH_SIZE}
+    figures = harness.start_figures()
+    figures.update(model="resnet18", calibration_batches=BATCHES, batch_size=BATCH_SIZE)
     figures["repeats"] = 1 if args.quick else 5
     figures.update(measure(figures["repeats"]))
     harness.print_figures(figures)

@@ -17,7 +17,6 @@ uses; must not import ray or jobs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -124,13 +123,11 @@ def _main(args, work: str) -> int:
     archs = list(ARCHS)[:4] if args.quick else list(ARCHS)
     batches = 2 if args.quick else 10
     repeats = args.repeats or (1 if args.quick else 3)
-    info = harness.machine()
-    print(f"machine: {json.dumps(info)}", file=sys.stderr)
+    machine = harness.start_figures()
     t0 = time.perf_counter()
     zoo = build_zoo(os.path.join(work, "zoo"), archs, batches)
     print(f"zoo of {len(archs)} models built in {time.perf_counter() - t0:.1f} s: {zoo}", file=sys.stderr)
-    figures = {"models": len(archs), "calibration_batches": batches, "cores": info["cores"],
-               "load_1min_at_start": info["load_1min"]}
+    figures = {"models": len(archs), "calibration_batches": batches, **machine}
     figures.update(measure(zoo, work, repeats, scaling=not (args.quick or args.no_scaling)))
     figures["target_ratio_met"] = figures["ratio"] >= 1.7
     harness.print_figures(figures)

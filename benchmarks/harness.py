@@ -38,6 +38,13 @@ def machine() -> dict:
             "ray": metadata.version("ray")}
 
 
+def start_figures() -> dict:
+    """Print the machine (stderr) and return the figures every benchmark opens with."""
+    info = machine()
+    print(f"machine: {json.dumps(info)}", file=sys.stderr)
+    return {"cores": info["cores"], "load_1min_at_start": info["load_1min"]}
+
+
 def cli_command() -> list[str]:
     """The installed ``quantize-all`` script beside this interpreter, else ``python -m jobs.cli``."""
     script = os.path.join(os.path.dirname(sys.executable), "quantize-all")

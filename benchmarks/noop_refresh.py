@@ -65,9 +65,7 @@ def measure(work: str, n: int, repeats: int) -> dict:
 
 def _main(args, work: str) -> int:
     n, repeats = (20, 3) if args.quick else (100, 5)
-    info = harness.machine()
-    print(f"machine: {json.dumps(info)}", file=sys.stderr)
-    figures = {"cores": info["cores"], "load_1min_at_start": info["load_1min"]}
+    figures = harness.start_figures()
     figures.update(measure(work, n, repeats))
     harness.print_figures(figures)
     return 0

@@ -16,7 +16,6 @@ RSS (VmHWM, its Ray children excluded) at a small and a 10x larger zoo. Must not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -64,9 +63,7 @@ def measure(work: str, n: int, rss_small: int, rss_large: int) -> dict:
 
 def _main(args, work: str) -> int:
     n, small, large = (50, 20, 200) if args.quick else (500, 100, 1000)
-    info = harness.machine()
-    print(f"machine: {json.dumps(info)}", file=sys.stderr)
-    figures = {"cores": info["cores"], "load_1min_at_start": info["load_1min"]}
+    figures = harness.start_figures()
     figures.update(measure(work, n, small, large))
     harness.print_figures(figures)
     return 0

@@ -14,9 +14,7 @@ import sys
 import click
 
 from jobs.store import LockHeldError, StoreError
-from jobs.zoo import PRECISIONS, ZooError, load_zoo
-
-BACKENDS = ("fbgemm", "qnnpack", "x86")
+from jobs.zoo import BACKENDS, PRECISIONS, ZooError, load_zoo
 
 EXAMPLES = """\b
 Examples:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from jobs.manifest import Manifest, blank_row, now_iso
 from jobs.plan import SourceHasher, Unit, make_plan
 from jobs.progress import Progress
-from jobs.store import LOCK_EXPIRY_S, Store, StoreError, StoreLock, redact_uri
+from jobs.store import LOCK_EXPIRY_S, Store, StoreLock, redact_uri
 from jobs.zoo import Zoo
 
 FLUSH_EVERY_S = 2.0

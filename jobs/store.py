@@ -136,6 +136,30 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def with_backoff(fn, *args, retryable, **kwargs):
+    """Call ``fn(*args, **kwargs)``, retrying errors ``retryable(error)`` accepts.
+
+    Up to ``RETRY_ATTEMPTS`` tries, sleeping ``RETRY_BASE_S`` doubling to ``RETRY_MAX_S`` with
+    full jitter (retries of many workers hitting one store spread out). The last error, or the
+    first one not retryable, is raised as it is.
+    """
+    delay = RETRY_BASE_S
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if attempt == RETRY_ATTEMPTS or not retryable(e):
+                raise
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(2 * delay, RETRY_MAX_S)
+    raise AssertionError("unreachable")
+
+
+def _transient_oserror(error: BaseException) -> bool:
+    return (isinstance(error, OSError) and not isinstance(error, FileNotFoundError)
+            and is_transient(error))
+
+
 def retry_io(fn, *args, what: str = "store", **kwargs):
     """Call ``fn(*args, **kwargs)``, retrying transient ``OSError``s with exponential backoff.
 
@@ -147,22 +171,15 @@ def retry_io(fn, *args, what: str = "store", **kwargs):
         TransientStoreError: still transient after ``RETRY_ATTEMPTS`` tries.
         StoreError: any other ``OSError`` (403, a missing bucket, ...), at once.
     """
-    delay = RETRY_BASE_S
-    for attempt in range(1, RETRY_ATTEMPTS + 1):
-        try:
-            return fn(*args, **kwargs)
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            transient = is_transient(e)
-            if not transient or attempt == RETRY_ATTEMPTS:
-                kind = TransientStoreError if transient else StoreError
-                tries = f" (after {attempt} tries)" if transient else ""
-                raise kind(_one_line(f"{what}: {redact_text(str(e))}{tries}")) from None
-            # full jitter: retries of many workers hitting one store spread out
-            time.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(2 * delay, RETRY_MAX_S)
-    raise AssertionError("unreachable")
+    try:
+        return with_backoff(fn, *args, retryable=_transient_oserror, **kwargs)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        transient = is_transient(e)
+        kind = TransientStoreError if transient else StoreError
+        tries = f" (after {RETRY_ATTEMPTS} tries)" if transient else ""
+        raise kind(_one_line(f"{what}: {redact_text(str(e))}{tries}")) from None
 
 
 @dataclass

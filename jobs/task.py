@@ -10,7 +10,6 @@ Ray retries the task.
 from __future__ import annotations
 
 import io
-import random
 import shutil
 import socket
 import tempfile
@@ -23,8 +22,8 @@ import torch
 import quantizer
 from jobs.manifest import blank_row, now_iso
 from jobs.plan import ARTIFACT_FILE
-from jobs.store import (RETRY_ATTEMPTS, RETRY_BASE_S, RETRY_MAX_S, Store, StoreError,
-                         TransientStoreError, is_transient, redact_text, redact_uri)
+from jobs.store import (Store, StoreError, TransientStoreError, is_transient, redact_text,
+                         redact_uri, with_backoff)
 
 FIDELITY_ROWS = 64            # held-out rows for SQNR / top-1 agreement
 FP16_FIDELITY_ROWS = 8        # fp16 kernels on a CPU are ~10x slower than fp32: fewer rows
@@ -85,17 +84,8 @@ def _transient_io(error: BaseException) -> bool:
 
 def _retrying(fn, *args, **kwargs):
     """Reads from a remote store go through quantizer (no jobs there): retry them here when
-    the error looks transient (timeouts, 5xx), with the store's backoff."""
-    delay = RETRY_BASE_S
-    for attempt in range(1, RETRY_ATTEMPTS + 1):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if attempt == RETRY_ATTEMPTS or not _transient_io(e):
-                raise
-            time.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(2 * delay, RETRY_MAX_S)
-    raise AssertionError("unreachable")
+    an I/O error worth retrying caused the failure, with the store's backoff."""
+    return with_backoff(fn, *args, retryable=_transient_io, **kwargs)
 
 
 def _convert_and_publish(p: dict, table) -> dict:

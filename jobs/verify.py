@@ -56,6 +56,7 @@ def _run_sample(store: Store, folder: str) -> str | None:
     import torch
 
     import quantizer
+    from quantizer.fidelity import flatten_outputs
 
     model = quantizer.load_artifact(store.open_uri(f"{folder}/{ARTIFACT_FILE}"))
     recipe = json.loads(store.read_bytes(f"{folder}/recipe.json") or b"{}")
@@ -66,8 +67,6 @@ def _run_sample(store: Store, folder: str) -> str | None:
     torch.manual_seed(0)
     with torch.inference_mode():
         out = model(torch.rand(2, *shape).to(dtype))
-    tensors = out if isinstance(out, (tuple, list)) else \
-        list(out.values()) if isinstance(out, dict) else [out]
-    if not all(torch.isfinite(t.float()).all() for t in tensors if torch.is_tensor(t)):
+    if not all(torch.isfinite(t.float()).all() for t in flatten_outputs(out)):
         return f"{folder}: the reloaded model gives non-finite outputs on a sample input"
     return None

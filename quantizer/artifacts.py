@@ -25,6 +25,7 @@ from torch import nn
 from quantizer.checkpoints import (brief_error, build_model, file_digest, import_factory,
                                    load_strict, read_bytes, weights_only_load)
 from quantizer.errors import ArtifactError, CheckpointError, QuantizerError
+from quantizer.fidelity import flatten_outputs
 
 ARTIFACT_FORMAT = "quantize-all-artifact"
 ARTIFACT_FORMAT_VERSION = 1
@@ -46,19 +47,9 @@ def _write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for key in sorted(out, key=str) for t in _tensors(out[key])]
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _tensors(item)]
-    return []
-
-
 def _check_copy(traced: Any, model: nn.Module, example: tuple) -> None:
     """The traced copy must give the module's outputs on the example (fp16 within 1e-3)."""
-    got, want = _tensors(traced(*example)), _tensors(model(*example))
+    got, want = flatten_outputs(traced(*example)), flatten_outputs(model(*example))
     same = len(got) == len(want) and all(
         g.shape == w.shape and g.dtype == w.dtype and torch.allclose(
             g, w, rtol=0, atol=1e-3 if w.dtype == torch.float16 else 0, equal_nan=True)

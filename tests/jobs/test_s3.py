@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import socket
 import threading
-from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -25,7 +23,7 @@ from click.testing import CliRunner
 from jobs import store as store_mod
 from jobs.cli import main
 from jobs.lock import StoreLock
-from jobs.store import LockHeldError, Store, StoreError, TransientStoreError
+from jobs.store import LockHeldError, Store, TransientStoreError
 
 pytestmark = pytest.mark.slow
 

@@ -67,5 +67,5 @@ def test_min_speedup_fails_the_row_and_slow_rows_are_flagged(ray_local, demo_dir
             continue
         slow = row["speedup"] < 1.0
         assert ("SLOWER than fp32" in note_of(row)) == slow, row
-        assert (f"<tr class=\"status-ok slow\"" in html) == slow, row["speedup"]
+        assert ("<tr class=\"status-ok slow\"" in html) == slow, row["speedup"]
     assert (out / "report.html").read_text().count("SpeedupError") >= 1
