@@ -18,10 +18,11 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from jobs.lock import StoreLock
 from jobs.manifest import Manifest, blank_row, now_iso
 from jobs.plan import SourceHasher, Unit, make_plan
 from jobs.progress import Progress
-from jobs.store import LOCK_EXPIRY_S, Store, StoreLock, redact_uri
+from jobs.store import LOCK_EXPIRY_S, Store, redact_uri
 from jobs.zoo import Zoo
 
 FLUSH_EVERY_S = 2.0
@@ -48,10 +49,19 @@ class RunResult:
     run_id: str
     store: str
     rows: list[dict] = field(default_factory=list)   # what this run did, one per unit
-    ray_started: bool = False     # this run started (or joined) Ray itself
-    ray_used: bool = False        # there was work, so it ran on Ray (started here or not)
-    ray_mode: str | None = None   # "local" (started here), "joined" (a cluster) or "existing"
+    ray_mode: str | None = None   # "local" (started here), "joined" (a cluster), "existing",
+                                  # or None: nothing to do, so no Ray at all
     duration_s: float = 0.0
+
+    @property
+    def ray_used(self) -> bool:
+        """There was work, so it ran on Ray (started here or not)."""
+        return self.ray_mode is not None
+
+    @property
+    def ray_started(self) -> bool:
+        """This run started or joined Ray itself (and so shuts its connection down)."""
+        return self.ray_mode in ("local", "joined")
 
     @property
     def counts(self) -> dict[str, int]:
@@ -165,8 +175,6 @@ def _fan_out(todo, store, opts, manifest, result, progress, zoo_dir) -> None:
     preload.join()
     from jobs.task import convert_task
 
-    result.ray_started = result.ray_mode != "existing"
-    result.ray_used = True
     try:
         tables = _share_tables(todo)
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -201,10 +209,14 @@ def _record(row, unit, manifest, result, progress, running: int) -> None:
     progress.advance(failed=row["status"] == "failed", running=running)
 
 
+# What a task asks Ray for: a loaded model and its converted copy are a few times its file.
+TASK_MEMORY_BASE = 256 * 2**20
+TASK_MEMORY_PER_CHECKPOINT_BYTE = 8
+
+
 def _memory_request(unit: Unit) -> int:
-    """Bytes a task asks Ray for: a loaded model and its converted copy are a few times its file."""
     size = unit.source.bytes if unit.source else 0
-    return int(256 * 2**20 + 8 * size)
+    return int(TASK_MEMORY_BASE + TASK_MEMORY_PER_CHECKPOINT_BYTE * size)
 
 
 def _largest_node_memory() -> float:
@@ -219,8 +231,10 @@ def _oversized(unit: Unit, run_id: str, largest: float) -> dict | None:
     need = _memory_request(unit)
     if need <= largest:
         return None
-    msg = (f"model {unit.spec.name} needs about {need / 2**20:.0f} MiB of memory (8 x its "
-           f"{(need - 256 * 2**20) / 8 / 2**20:.0f} MiB checkpoint + 256 MiB) and the largest node "
+    size = unit.source.bytes if unit.source else 0
+    msg = (f"model {unit.spec.name} needs about {need / 2**20:.0f} MiB of memory "
+           f"({TASK_MEMORY_PER_CHECKPOINT_BYTE} x its {size / 2**20:.0f} MiB checkpoint + "
+           f"{TASK_MEMORY_BASE / 2**20:.0f} MiB) and the largest node "
            f"of the cluster offers {largest / 2**20:.0f} MiB; it was not started. Run it on a "
            f"cluster with a larger node.")
     return _failed_row(unit, run_id, "OutOfMemory", msg, attempts=0)

@@ -73,7 +73,7 @@ class SourceHasher:
         self.store = store
         self.cache: dict[str, dict] = store.read_json(HASH_CACHE) or {}
         self.dirty = False
-        self.hashed = 0
+        self._datasets: dict[str, str] = {}   # many models share one calibration folder
 
     def digest(self, uri: str) -> Source:
         fs, path, local = filesystem_for(uri)
@@ -90,13 +90,17 @@ class SourceHasher:
         if cached and cached.get("ident") == ident:
             return Source(uri, cached["sha256"], cached["bytes"])
         sha, size = _io(uri, _hash_file, fs, path)
-        self.hashed += 1
         self.cache[name] = {"ident": ident, "sha256": sha, "bytes": size}
         self.dirty = True
         return Source(uri, sha, size)
 
     def digest_dataset(self, uri: str) -> str:
-        """One sha256 over every shard of a calibration file or folder."""
+        """One sha256 over every shard of a calibration file or folder (once per run)."""
+        if uri not in self._datasets:
+            self._datasets[uri] = self._digest_dataset(uri)
+        return self._datasets[uri]
+
+    def _digest_dataset(self, uri: str) -> str:
         fs, path, _ = filesystem_for(uri)
         info = _io(uri, fs.get_file_info, path)
         if info.type == pafs.FileType.NotFound:
