@@ -5,8 +5,8 @@ are renamed into place (local stores), or are written as one object under a cont
 (object stores, where a PUT is atomic but there is no rename). Transient store errors (timeouts,
 resets, 5xx) are retried here with bounded exponential backoff; permanent ones (403, a missing
 bucket) raise ``StoreError`` at once. Credentials never leave this module in a URI or a message:
-``redact_uri`` and ``redact_text`` strip them. The run lock lives in ``jobs.lock`` (re-exported
-here as ``StoreLock``). Must not import ray or click.
+``redact_uri`` and ``redact_text`` strip them. The run lock lives in ``jobs.lock``.
+Must not import ray or click.
 """
 
 from __future__ import annotations
@@ -272,8 +272,10 @@ class Store:
 
         Local stores: copy aside into DEST, then one rename, so the folder appears whole or not at
         all. Object stores have no rename: every file is (re)uploaded under ``rel``, a content
-        key, so a retried task writes the same bytes to the same place and a folder half-written
-        by a killed attempt is completed; the completion record written after it is the commit.
+        key, so a retried task writes the same model to the same place and a folder half-written
+        by a killed attempt is completed; the completion record written after it is the commit
+        (``model.pt`` is byte-stable, the TorchScript copy is not: the row lists what the
+        recorded attempt wrote).
         """
         if self.is_local:
             return self._put_dir_local(local_dir, rel)
@@ -329,20 +331,5 @@ class Store:
             raise StoreError(f"output store {self.display}: bucket {self.bucket!r} does not "
                              f"exist (or these credentials cannot see it); create it or fix --out")
 
-    def check_writable(self) -> None:
-        """Fail early (StoreError) when DEST cannot be created or written."""
-        self.check_reachable()
-        self.write_bytes(".probe", b"ok")
-        self.delete(".probe")
-
     def _call(self, fn, *args, **kwargs):
         return retry_io(fn, *args, what=f"output store {self.display}", **kwargs)
-
-
-def __getattr__(name: str):
-    # The lock needs Store, so it lives in jobs.lock; this keeps ``from jobs.store import
-    # StoreLock`` working without a circular import.
-    if name == "StoreLock":
-        from jobs.lock import StoreLock
-        return StoreLock
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ Ray retries the task.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import socket
@@ -30,15 +31,17 @@ FP16_FIDELITY_ROWS = 8        # fp16 kernels on a CPU are ~10x slower than fp32:
 LATENCY_BUDGET_S = 0.5        # per model and precision, at batch 1
 SLOW_FORWARD_S = 0.5          # one batch-1 fp16 forward slower than this: latency not measured
 RETRY_EXCEPTIONS = [TransientStoreError, ConnectionError, TimeoutError]
+PUBLISHED_FIELDS = ("artifact_uri", "artifact_sha256", "artifact_bytes", "size_ratio", "files")
 
 
-def convert_unit(payload: dict, table=None) -> dict:
+def convert_unit(payload: dict, table=None, *, store: Store | None = None) -> dict:
     """Convert one (model, precision) and publish it; return its manifest row.
 
     Args:
         payload: the unit's settings (see ``jobs.driver.payload_of``).
         table: the calibration ``pyarrow.Table`` when the driver shared it, else None (the
             task reads only the rows it needs from ``payload["calibration"]["data"]``).
+        store: the output store, if the caller has it open already.
 
     Raises:
         TransientStoreError: the store failed in a way worth retrying (Ray retries the task).
@@ -52,7 +55,7 @@ def convert_unit(payload: dict, table=None) -> dict:
         started_at=started, torch_version=torch.__version__,
         quantizer_version=quantizer.__version__, attempts=payload.get("attempt", 1))
     try:
-        row.update(_convert_and_publish(payload, table))
+        row.update(_convert_and_publish(payload, table, store or Store(payload["store_uri"])))
         row["status"] = "ok"
     except (TransientStoreError, ConnectionError, TimeoutError):
         raise
@@ -88,7 +91,7 @@ def _retrying(fn, *args, **kwargs):
     return with_backoff(fn, *args, retryable=_transient_io, **kwargs)
 
 
-def _convert_and_publish(p: dict, table) -> dict:
+def _convert_and_publish(p: dict, table, store: Store) -> dict:
     model = _retrying(quantizer.load_model, p["factory"], p["checkpoint"], kwargs=p["kwargs"],
                       allow_pickle=p["allow_pickle"])
     calib, held_out, heldout_note = _split_data(p, table)
@@ -106,7 +109,7 @@ def _convert_and_publish(p: dict, table) -> dict:
     notes = [heldout_note, out.pop("latency_note", None)]
     out["notes"] = "; ".join(n for n in notes if n) or None
     _check_gates(p, out)
-    out.update(_publish(p, converted, held_out, out))
+    out.update(_publish(p, converted, held_out, out, store))
     return out
 
 
@@ -210,8 +213,7 @@ def _check_gates(p: dict, out: dict) -> None:
             f"({out['latency_ms']:.2f} ms vs {out['latency_fp32_ms']:.2f} ms fp32)")
 
 
-def _publish(p: dict, converted, example, out: dict) -> dict:
-    store = Store(p["store_uri"])
+def _publish(p: dict, converted, example, out: dict, store: Store) -> dict:
     recipe = {
         "name": p["name"], "precision": p["precision"], "factory": p["factory"],
         "kwargs": p["kwargs"], "backend": p["backend"], "observer": p["observer"],
@@ -223,10 +225,17 @@ def _publish(p: dict, converted, example, out: dict) -> dict:
     example_in = None if example is None else example[:1]
     if example_in is not None and p["precision"] == "fp16":
         example_in = example_in.half()
+    done = store.read_json(p["record_path"])
+    if done and done.get("status") == "ok" and done.get("files") and \
+            store.exists(f"{p['artifact_dir']}/{ARTIFACT_FILE}"):
+        # Another attempt at this key (a retry, or a task of a killed run) finished first. The
+        # TorchScript copy is not byte-stable across saves, so record what is in the store.
+        return {k: done[k] for k in PUBLISHED_FIELDS}
     tmp = tempfile.mkdtemp(prefix="quantize-all-")
     try:
         files = quantizer.save_artifact(converted, tmp, recipe, example_in)
-        store.put_dir(tmp, p["artifact_dir"])
+        if not store.put_dir(tmp, p["artifact_dir"]):   # published meanwhile (local stores)
+            files = _stored_files(store, p["artifact_dir"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     main = next(f for f in files if f["path"] == ARTIFACT_FILE)
@@ -235,6 +244,16 @@ def _publish(p: dict, converted, example, out: dict) -> dict:
         "artifact_sha256": main["sha256"], "artifact_bytes": main["bytes"],
         "size_ratio": round(main["bytes"] / out["fp32_bytes"], 4), "files": files,
     }
+
+
+def _stored_files(store: Store, rel: str) -> list[dict]:
+    """``{path, sha256, bytes}`` of every file of a published artifact folder, as stored."""
+    files = []
+    for name in store.list_files(rel):
+        data = store.read_bytes(f"{rel}/{name}")
+        files.append({"path": name, "sha256": hashlib.sha256(data).hexdigest(),
+                      "bytes": len(data)})
+    return files
 
 
 def _state_bytes(model) -> int:
@@ -255,7 +274,7 @@ def convert_task(payload: dict, table=None) -> dict:
     torch.set_num_threads(_assigned_cpus())
     store = Store(payload["store_uri"])
     payload = dict(payload, attempt=_count_attempt(store, payload))
-    row = convert_unit(payload, table)
+    row = convert_unit(payload, table, store=store)
     row["node"] = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
     row["threads"] = torch.get_num_threads()
     if row["status"] == "ok":
