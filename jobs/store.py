@@ -11,6 +11,7 @@ Must not import ray or click.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -252,8 +253,14 @@ class Store:
             self._call(self._put, target, data)
             return
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
-        self._call(self._put, tmp, data)
-        os.replace(tmp, target)
+        try:
+            self._call(self._put, tmp, data)
+            os.replace(tmp, target)
+        except BaseException:
+            # a full disk mid-write must not leave a half-written file beside the manifest
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
     def _put(self, path: str, data) -> None:
         """One whole write; a retry starts it again from the first byte."""
