@@ -34,7 +34,8 @@ def _phases(model, batches, observer: str) -> tuple[dict, object]:
 
     t0 = time.perf_counter()
     int8.set_engine("fbgemm")
-    prepared = int8._prepare(copy.deepcopy(model).eval(), (batches[0],), "fbgemm", observer)
+    settings = int8.new_settings("fbgemm", observer, None, int8.QCONFIG_VERSION)
+    prepared = int8._prepare(copy.deepcopy(model).eval(), (batches[0],), settings)
     t1 = time.perf_counter()
     used = int8._calibrate(prepared, model, ((b,) for b in batches))
     t2 = time.perf_counter()

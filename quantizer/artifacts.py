@@ -103,7 +103,8 @@ def save_artifact(model: nn.Module, folder, recipe: dict, example_inputs) -> lis
         model: the converted model (fp16 or int8 GraphModule).
         folder: a local folder, created if needed.
         recipe: JSON-only dict: precision, factory, kwargs, backend, observer, input_shape,
-            input_dtype, versions (what ``load_artifact`` needs to rebuild the model).
+            input_dtype, versions (what ``load_artifact`` needs to rebuild the model). An int8
+            model's ``int8_settings`` are added under ``"int8"`` when the recipe lacks them.
         example_inputs: a tensor (or tuple) to trace the TorchScript copy with.
 
     Returns:
@@ -113,6 +114,9 @@ def save_artifact(model: nn.Module, folder, recipe: dict, example_inputs) -> lis
         ArtifactError: the recipe is not plain JSON or the state_dict would need unpickling.
     """
     folder = os.fspath(folder)
+    if recipe.get("precision") == "int8" and "int8" not in recipe \
+            and isinstance(getattr(model, "int8_settings", None), dict):
+        recipe = {**recipe, "int8": model.int8_settings}   # what rebuilding its graph needs
     model_pt, recipe_text = _model_bytes(model, folder, recipe)
     os.makedirs(folder, exist_ok=True)
     written = ["model.pt"]
@@ -149,8 +153,10 @@ def _rebuild(recipe: Mapping[str, Any], name: str) -> nn.Module:
     from quantizer import int8        # lazily: only int8 artifacts need torch.ao
     example = torch.zeros([1, *recipe["input_shape"]], dtype=getattr(torch, dtype))
     try:
-        return int8.rebuild_int8(model, (example,), recipe.get("backend", "fbgemm"),
-                                 recipe.get("observer", "default"))
+        # recipes from quantize-all 0.1 hold no "int8" dict: backend and observer alone
+        settings = recipe.get("int8") or {"backend": recipe.get("backend", "fbgemm"),
+                                          "observer": recipe.get("observer", "default")}
+        return int8.rebuild_int8(model, (example,), settings)
     except QuantizerError as exc:      # a recipe this torch cannot rebuild is a bad artifact here
         raise ArtifactError(f"{name}: cannot rebuild the int8 graph: {exc}") from exc
 

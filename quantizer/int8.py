@@ -1,9 +1,12 @@
 """int8 conversion: post-training static quantization in PyTorch FX graph mode.
 
 Owns ``to_int8``, ``rebuild_int8`` (the uncalibrated skeleton a saved int8 state_dict loads into),
-``set_engine`` and ``quantized_fraction``. This is the ONLY module of the package that imports
-``torch.ao.quantization`` (deprecated in torch 2.10+, still working through 2.14), so a torchao
-pt2e engine can sit beside it later. Must not import ray, click or ``jobs``.
+``set_engine`` and ``quantized_fraction``; re-exports ``activation_range`` and the settings names
+of ``int8_qconfig`` (which ops are quantized, and how). With ``int8_qconfig`` and
+``int8_lowering`` (passes over the converted graph) it is the int8 engine: the only modules of
+the package that import ``torch.ao.quantization`` (deprecated in torch 2.10+, still working
+through 2.14), so a torchao pt2e engine can sit beside them later. Must not import ray, click or
+``jobs``.
 """
 
 from __future__ import annotations
@@ -14,26 +17,23 @@ import itertools
 import linecache
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from quantizer import int8_lowering
 from quantizer.errors import CalibrationError, ConfigError, InputShapeError, TraceError
+from quantizer.int8_qconfig import (  # noqa: F401  (ACTIVATION_RANGES ... re-exported)
+    ACTIVATION_RANGES, BACKENDS, FLOAT_OPS, OBSERVERS, QCONFIG_VERSION, QCONFIG_VERSIONS,
+    SETTINGS_FIELDS, activation_range, checked_settings, new_settings, qconfig_mapping,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    from torch.ao.quantization import QConfig, get_default_qconfig_mapping
-    from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
-    from torch.ao.quantization.qconfig_mapping import QConfigMapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-BACKENDS = ("fbgemm", "qnnpack", "x86")
-OBSERVERS = ("default", "minmax")
-
-# fbgemm/x86 kernels can overflow 16-bit accumulators with full-range activations; qnnpack cannot.
-_REDUCE_RANGE = {"fbgemm": True, "qnnpack": False, "x86": True}
 _QUANTIZED_DTYPES = (torch.qint8, torch.quint8)
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -80,18 +80,6 @@ def set_engine(backend: str) -> None:
     torch.backends.quantized.engine = backend
 
 
-def _qconfig_mapping(backend: str, observer: str) -> QConfigMapping:
-    mapping = get_default_qconfig_mapping(backend)
-    if observer == "minmax":
-        # set_global keeps the per-op entries (sigmoid, softmax, ... with fixed qparams).
-        mapping.set_global(QConfig(
-            activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=_REDUCE_RANGE[backend]),
-            weight=PerChannelMinMaxObserver.with_args(
-                dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
-        ))
-    return mapping
-
-
 def _user_frame(root: nn.Module, tb: Any) -> str:
     """Describe the innermost traceback frame in the user's code: module name, file:line, source."""
     names = {id(module): name for name, module in root.named_modules()}
@@ -113,10 +101,10 @@ def _user_frame(root: nn.Module, tb: Any) -> str:
     return f" at {where}: `{source}`" if source else f" at {where}"
 
 
-def _prepare(fp32: nn.Module, example: tuple, backend: str, observer: str) -> torch.fx.GraphModule:
+def _prepare(fp32: nn.Module, example: tuple, settings: Mapping[str, Any]) -> torch.fx.GraphModule:
     try:
         with _quiet_ao():
-            return prepare_fx(fp32, _qconfig_mapping(backend, observer), example_inputs=example)
+            return prepare_fx(fp32, qconfig_mapping(fp32, settings), example_inputs=example)
     except Exception as exc:  # torch.fx raises many types while tracing; all mean "cannot trace"
         where = _user_frame(fp32, exc.__traceback__)
         raise TraceError(
@@ -213,9 +201,21 @@ def _check_scales(converted: nn.Module, model_name: str) -> None:
                                f"scales in {', '.join(bad)}; check the calibration data's range")
 
 
-def _labelled(graph: torch.fx.GraphModule, used: int, backend: str, observer: str):
+def _lowered(converted: torch.fx.GraphModule, example: tuple, settings: Mapping[str, Any]):
+    """Version 2's passes after convert_fx: float ops read float, Linear outputs stay float."""
+    if settings["qconfig_version"] >= 2:
+        int8_lowering.dequantize_float_inputs(converted, example, FLOAT_OPS)
+        int8_lowering.float_layer_norms(converted)
+        if settings["backend"] != "qnnpack":      # qnnpack has no float-output int8 Linear
+            int8_lowering.lower_float_outputs(converted)
+        int8_lowering.drop_float_roundtrips(converted)
+    return converted
+
+
+def _labelled(graph: torch.fx.GraphModule, used: int, settings: dict):
     # what produced it travels with the module (state_dict does not carry these)
-    graph.calibration_batches_used, graph.backend, graph.observer = used, backend, observer
+    graph.calibration_batches_used, graph.int8_settings = used, dict(settings)
+    graph.backend, graph.observer = settings["backend"], settings["observer"]
     return graph
 
 
@@ -225,6 +225,9 @@ def to_int8(
     calibration_batches: int = 10,
     backend: str = "fbgemm",
     observer: str = "default",
+    *,
+    activation_range: str | None = None,
+    qconfig_version: int = QCONFIG_VERSION,
 ) -> torch.fx.GraphModule:
     """Post-training static int8 quantization in FX graph mode, calibrated on real data.
 
@@ -234,15 +237,21 @@ def to_int8(
             first batch is also the example input for tracing. It is iterated once.
         calibration_batches: how many batches to calibrate on (at most).
         backend: ``fbgemm`` (x86 servers), ``qnnpack`` (ARM) or ``x86``.
-        observer: ``default`` (the backend's default qconfig, histogram activations) or
-            ``minmax`` (min/max activations, per-channel weights: faster calibration).
+        observer: ``default`` (histogram activations) or ``minmax`` (min/max activations:
+            faster calibration); weights are per-channel symmetric either way.
+        activation_range: ``full`` or ``reduced``; None (the default) takes
+            ``activation_range(backend)``, the widest range exact on this CPU.
+        qconfig_version: which ops are quantized and how (``QCONFIG_VERSIONS``; 1 is the mapping
+            of quantize-all 0.1, kept to compare and to rebuild old artifacts).
 
     Returns:
-        The converted ``GraphModule``, with attributes ``calibration_batches_used``, ``backend``
-        and ``observer``. Run it after ``set_engine(backend)``.
+        The converted ``GraphModule``, with attributes ``calibration_batches_used``,
+        ``int8_settings`` (the JSON-able dict ``rebuild_int8`` takes), ``backend`` and
+        ``observer``. Run it after ``set_engine(backend)``.
 
     Raises:
-        ConfigError: ``calibration_batches < 1``, unknown backend or observer.
+        ConfigError: ``calibration_batches < 1``, unknown backend, observer or version, or full
+            range asked where it is not exact.
         CalibrationError: empty loader, NaN/Inf inputs, non-finite quantization scales.
         TraceError: torch.fx cannot trace the model.
         InputShapeError: the model rejects the calibration inputs' shape.
@@ -251,60 +260,70 @@ def to_int8(
         CalibrationWarning: the loader held fewer batches than ``calibration_batches``.
     """
     _validate(calibration_batches, backend, observer)
-    batches = iter(calibration_loader)
+    settings = new_settings(backend, observer, activation_range, qconfig_version)
+    batches = _batches(model, calibration_loader, calibration_batches)
+    set_engine(backend)
+    converted = _convert(copy.deepcopy(model).eval(), batches, settings)
+    if len(batches) < calibration_batches:
+        warnings.warn(CalibrationWarning(
+            f"calibrated {type(model).__name__} on {len(batches)} of {calibration_batches} "
+            "requested batches: the loader ran out; supply more calibration data for steadier "
+            "scales"), stacklevel=2)
+    return _labelled(converted, len(batches), settings)
+
+
+def _batches(model: nn.Module, loader: Iterable, wanted: int) -> list[tuple[torch.Tensor, ...]]:
+    """Up to ``wanted`` calibration batches as input tuples, read once from ``loader``: the first
+    one is also the example input of tracing and of the graph passes."""
+    batches = iter(loader)
     first = next(batches, None)
     if first is None:
         raise CalibrationError(
             f"calibration loader for {type(model).__name__} is empty: supply at least one "
             "(inputs, targets) batch of representative data")
-    example = _as_inputs(first, 1)
-    set_engine(backend)
-    prepared = _prepare(copy.deepcopy(model).eval(), example, backend, observer)
-    rest = (_as_inputs(batch, index) for index, batch in
-            enumerate(itertools.islice(batches, calibration_batches - 1), start=2))
-    used = _calibrate(prepared, model, itertools.chain([example], rest))
-    if used < calibration_batches:
-        warnings.warn(CalibrationWarning(
-            f"calibrated {type(model).__name__} on {used} of {calibration_batches} requested "
-            "batches: the loader ran out; supply more calibration data for steadier scales"),
-            stacklevel=2)
+    return [_as_inputs(first, 1)] + [_as_inputs(batch, index) for index, batch in
+                                     enumerate(itertools.islice(batches, wanted - 1), start=2)]
+
+
+def _convert(fp32: nn.Module, batches: list[tuple], settings: Mapping[str, Any]) -> torch.fx.GraphModule:
+    prepared = _prepare(copy.deepcopy(fp32), batches[0], settings)
+    _calibrate(prepared, fp32, batches)
     with _quiet_ao():
-        converted = convert_fx(prepared)
-    _check_scales(converted, type(model).__name__)
-    return _labelled(converted, used, backend, observer)
+        converted = _lowered(convert_fx(prepared), batches[0], settings)
+    _check_scales(converted, type(fp32).__name__)
+    return converted
 
 
 def rebuild_int8(
     model: nn.Module,
     example_inputs: Any,
-    backend: str = "fbgemm",
-    observer: str = "default",
+    settings: Mapping[str, Any],
 ) -> torch.fx.GraphModule:
     """The uncalibrated int8 skeleton of ``model``, ready to ``load_state_dict`` a saved result.
 
-    Same graph as ``to_int8`` builds (same backend and observer), but with placeholder scales:
-    only meaningful once a converted model's state_dict is loaded into it.
+    Same graph as ``to_int8`` built with these settings, but with placeholder scales: only
+    meaningful once a converted model's state_dict is loaded into it.
 
     Args:
         model: an fp32 model of the same architecture (its weights are irrelevant).
         example_inputs: a tensor or tuple of tensors of the model's input shape.
-        backend: one of ``BACKENDS``.
-        observer: one of ``OBSERVERS``.
+        settings: the converted model's ``int8_settings`` (fields ``SETTINGS_FIELDS``); a dict
+            without ``qconfig_version`` is from quantize-all 0.1 and rebuilds with version 1.
 
     Returns:
         The converted ``GraphModule`` with ``calibration_batches_used = 0``.
 
     Raises:
-        ConfigError: unknown backend or observer.
+        ConfigError: unknown field, backend, observer, range or version.
         TraceError: torch.fx cannot trace the model.
     """
-    _validate(1, backend, observer)
+    checked = checked_settings(settings)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    set_engine(backend)
-    prepared = _prepare(copy.deepcopy(model).eval(), example, backend, observer)
+    set_engine(checked["backend"])
+    prepared = _prepare(copy.deepcopy(model).eval(), example, checked)
     with _quiet_ao(r".*must run observer"):
-        skeleton = convert_fx(prepared)
-    return _labelled(skeleton, 0, backend, observer)
+        skeleton = _lowered(convert_fx(prepared), example, checked)
+    return _labelled(skeleton, 0, checked)
 
 
 def quantized_fraction(converted: nn.Module, fp32_model: nn.Module) -> float:

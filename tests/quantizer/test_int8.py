@@ -11,6 +11,7 @@ from torch import nn
 
 from quantizer.errors import CalibrationError, ConfigError, InputShapeError, TraceError
 from quantizer.fidelity import sqnr_db
+from quantizer.int8_lowering import FloatOutputLinear
 from quantizer.int8 import (
     BACKENDS, OBSERVERS, CalibrationWarning, quantized_fraction, rebuild_int8, set_engine, to_int8,
 )
@@ -21,8 +22,10 @@ from tests.quantizer.conftest import (
 
 
 def _quantized_layers(converted: nn.Module) -> list[nn.Module]:
-    # the intrinsic fused classes (ConvReLU2d, LinearReLU) subclass these two
-    return [m for m in converted.modules() if isinstance(m, (nnq.Conv2d, nnq.Linear))]
+    # the intrinsic fused classes (ConvReLU2d, LinearReLU) subclass these two; a Linear whose
+    # output feeds float ops (the logits here) has an int8 GEMM with a float output
+    return [m for m in converted.modules()
+            if isinstance(m, (nnq.Conv2d, nnq.Linear, FloatOutputLinear))]
 
 
 def _held_out(digits, flat: bool) -> torch.Tensor:
@@ -87,8 +90,7 @@ def test_rebuild_then_load_state_dict_is_bit_exact(backend, observer, cnn, cnn_l
     torch.manual_seed(99)  # a fresh, differently initialised model, as load_artifact would build
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        skeleton = rebuild_int8(SmallCNN(), digits["x_train"][:2], backend=backend,
-                                observer=observer)
+        skeleton = rebuild_int8(SmallCNN(), digits["x_train"][:2], converted.int8_settings)
     assert [str(w.message)[:80] for w in caught] == []  # no "must run observer" noise
     assert skeleton.calibration_batches_used == 0
     skeleton.load_state_dict(converted.state_dict())

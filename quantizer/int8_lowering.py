@@ -1,0 +1,332 @@
+"""Passes over FX's converted int8 graph, for what its lowering to fbgemm kernels does not do.
+
+Owns ``FloatOutputLinear`` and the passes ``dequantize_float_inputs``, ``float_layer_norms``,
+``lower_float_outputs`` and ``drop_float_roundtrips``; only
+``quantizer.int8`` calls them, after ``convert_fx``, the same way when converting and when
+rebuilding (so a saved state_dict loads into the same graph). Part of the int8 engine: with
+``int8.py`` the only modules that touch ``torch.ao``. Must not import ray, click or jobs.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Collection
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from torch.ao.nn.quantized import LayerNorm as QuantizedLayerNorm
+    from torch.ao.nn.quantized import Linear as QuantizedLinear
+
+# ops that only move or view data: a float output may take them before its dequantize
+_SHAPE_METHODS = frozenset({"reshape", "view", "permute", "transpose", "flatten", "contiguous",
+                            "squeeze", "unsqueeze", "unflatten"})
+_SHAPE_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.permute, torch.transpose,
+                              torch.squeeze, torch.unsqueeze})
+
+
+class FloatOutputLinear(nn.Module):
+    """A static int8 Linear whose output stays float: the int32 sums of the int8 GEMM are scaled
+    straight to float32 (fbgemm's ``linear_with_input_q_dq_qweight_dq_output_fp32``) instead of
+    being rounded to uint8 and dequantized by the next op, as pt2e's graphs compute it.
+
+    Its input is either quantized (an int8 op's output: its own scale is used) or float, which
+    the kernel quantizes with ``input_scale`` and ``input_zero_point`` (the calibrated qparams
+    of the quantize op it replaces). The state_dict holds those two and the packed weight and
+    bias of the ``torch.ao`` Linear it replaces.
+    """
+
+    def __init__(self, linear: QuantizedLinear, input_scale: float = 1.0, input_zero_point: int = 0):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._packed_params = linear._packed_params
+        self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float64))
+        self.register_buffer("input_zero_point", torch.tensor(input_zero_point, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_quantized:   # the kernel quantizes its float input again with the same qparams
+            scale, zero_point, x = x.q_scale(), x.q_zero_point(), x.dequantize()
+        else:
+            scale, zero_point = float(self.input_scale), int(self.input_zero_point)
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x, scale, zero_point, self._packed_params._packed_params)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, output=float32"
+
+
+def _is_shape_op(node: fx.Node, source: fx.Node) -> bool:
+    if not node.args or node.args[0] is not source:
+        return False
+    return ((node.op == "call_method" and node.target in _SHAPE_METHODS)
+            or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS))
+
+
+def _dequantize_after(node: fx.Node) -> fx.Node | None:
+    """The ``dequantize`` that ``node``'s output reaches through single-user shape ops, if any."""
+    current = node
+    while len(current.users) == 1:
+        (user,) = current.users
+        if user.op == "call_method" and user.target == "dequantize":
+            return user
+        if not _is_shape_op(user, current):
+            return None
+        current = user
+    return None
+
+
+def _private_quantize(graph_module: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """(float input, scale, zero_point) when ``node`` reads a quantize op nothing else reads."""
+    source = node.args[0]
+    if not _is_quantize(source) or len(source.users) != 1:
+        return None
+    x, scale, zero_point = source.args[:3]
+    values = [getattr(graph_module, arg.target) if isinstance(arg, fx.Node) else arg
+              for arg in (scale, zero_point)]
+    return x, float(values[0]), int(values[1])
+
+
+def lower_float_outputs(graph_module: fx.GraphModule) -> list[str]:
+    """Swap every int8 Linear whose output is only dequantized for a ``FloatOutputLinear``.
+
+    When nothing else reads the quantize op in front of it, that op goes too: the Linear takes
+    the float tensor and quantizes it inside its kernel.
+
+    Args:
+        graph_module: a converted FX graph (fbgemm or x86 engine; qnnpack lacks the kernel).
+
+    Returns:
+        The names of the swapped modules, in graph order (the graph is modified in place).
+    """
+    graph, swapped = graph_module.graph, []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or type(graph_module.get_submodule(node.target)) is not QuantizedLinear:
+            continue
+        dequantize = _dequantize_after(node)
+        if dequantize is None:
+            continue
+        private = _private_quantize(graph_module, node)
+        qparams = private[1:] if private else ()
+        parent, _, name = node.target.rpartition(".")
+        setattr(graph_module.get_submodule(parent), name,
+                FloatOutputLinear(graph_module.get_submodule(node.target), *qparams))
+        if private:
+            quantize = node.args[0]
+            node.replace_input_with(quantize, private[0])
+            graph.erase_node(quantize)
+        dequantize.replace_all_uses_with(dequantize.args[0])
+        graph.erase_node(dequantize)
+        swapped.append(node.target)
+    _drop_unused_attributes(graph_module)
+    return swapped
+
+
+def _drop_unused_attributes(graph_module: fx.GraphModule) -> None:
+    """Dead get_attr nodes out of the graph, and the tensors they read out of the state_dict."""
+    graph = graph_module.graph
+    before = {n.target for n in graph.nodes if n.op == "get_attr"}
+    graph.eliminate_dead_code()
+    after = {n.target for n in graph.nodes if n.op == "get_attr"}
+    for target in before - after:
+        parent, _, name = target.rpartition(".")
+        owner = graph_module.get_submodule(parent)
+        if name in owner._buffers or name in owner._parameters or isinstance(
+                getattr(owner, name, None), torch.Tensor):
+            delattr(owner, name)
+    graph_module.recompile()
+
+
+def _layer_norm_parts(graph_module: fx.GraphModule, node: fx.Node) -> tuple | None:
+    """(input, normalized_shape, weight, bias, eps, scale, zero_point) of an int8 LayerNorm node."""
+    graph = graph_module.graph
+    if node.op == "call_function" and node.target is torch.ops.quantized.layer_norm:
+        kw = node.kwargs
+        return (node.args[0], node.args[1], kw.get("weight"), kw.get("bias"), kw.get("eps", 1e-5),
+                kw["output_scale"], kw["output_zero_point"])
+    if node.op != "call_module" or type(graph_module.get_submodule(node.target)) is not QuantizedLayerNorm:
+        return None
+    module = graph_module.get_submodule(node.target)
+    with graph.inserting_before(node):
+        params = [graph.get_attr(f"{node.target}.{name}") if getattr(module, name) is not None
+                  else None for name in ("weight", "bias")]
+        scale, zero_point = (graph.get_attr(f"{node.target}.{n}") for n in ("scale", "zero_point"))
+    return (node.args[0], module.normalized_shape, *params, module.eps, scale, zero_point)
+
+
+def float_layer_norms(graph_module: fx.GraphModule) -> int:
+    """Run in float the LayerNorms FX's lowering turned into int8 ones although set to float.
+
+    ``special_pattern_replacement`` makes ``dequantize -> LayerNorm -> quantize`` one int8
+    LayerNorm whatever its qconfig, and that pins a quantize on its input: the residual stream of
+    a patch-merging or downsampling block, which pt2e keeps float. This pass gives such a
+    LayerNorm back its float input (``drop_float_roundtrips`` then removes what fed it, where no
+    int8 op needs it); its output is quantized as before, for the int8 op that reads it. The
+    module stays where it was (its weights and output scale are read from it), so the state_dict
+    is unchanged.
+
+    Returns:
+        How many LayerNorms now run in float.
+    """
+    graph, count = graph_module.graph, 0
+    for node in list(graph.nodes):
+        parts = _layer_norm_parts(graph_module, node)
+        if parts is None:
+            continue
+        source, shape, weight, bias, eps, scale, zero_point = parts
+        with graph.inserting_before(node):
+            x = graph.call_method("dequantize", (source,))
+            y = graph.call_function(nn.functional.layer_norm, (x, tuple(shape), weight, bias, eps))
+            q = graph.call_function(torch.quantize_per_tensor, (y, scale, zero_point, torch.quint8))
+        node.replace_all_uses_with(q)
+        graph.erase_node(node)
+        count += 1
+    _drop_unused_attributes(graph_module)
+    return count
+
+
+def _is_quantize(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.quantize_per_tensor
+
+
+def _is_dequantize(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "dequantize"
+
+
+def _moves_data(node: fx.Node) -> bool:
+    """Ops that give the same values, moved: a quantize before them commutes with them."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS or node.target == "expand"
+    return node.op == "call_function" and (
+        node.target in _SHAPE_FUNCTIONS or node.target in (operator.getitem, torch.cat))
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "ndim")
+
+
+def _moved(node: fx.Node) -> list[fx.Node]:
+    """The tensors a data-moving op moves (not the sizes or indices it is given)."""
+    data = node.args[0]
+    return [n for n in (data if isinstance(data, (list, tuple)) else [data]) if isinstance(n, fx.Node)]
+
+
+def _float_region(quantize: fx.Node) -> tuple[set, set] | None:
+    """The quantize nodes and dequantize nodes of the region ``quantize`` opens, if every path
+    from it reaches a dequantize through data-moving ops fed by quantize nodes alone."""
+    quantizes, dequantizes, seen, frontier = {quantize}, set(), {quantize}, [quantize]
+    while frontier:
+        for user in frontier.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if _is_dequantize(user):
+                dequantizes.add(user)
+                continue
+            if _reads_metadata(user):
+                continue                     # x.shape, x.size(): the same on a float tensor
+            if not _moves_data(user):
+                return None                  # an int8 op reads it: this quantize is needed
+            for arg in _moved(user):
+                if arg not in seen and not _is_quantize(arg):
+                    return None              # mixed with an int8 op's output
+                if arg not in seen:
+                    quantizes.add(arg)
+                    seen.add(arg)
+                    frontier.append(arg)
+            frontier.append(user)
+    return quantizes, dequantizes
+
+
+def drop_float_roundtrips(graph_module: fx.GraphModule) -> int:
+    """Remove quantize ... dequantize round trips that no int8 op reads in between.
+
+    FX quantizes the input of every view, permute, reshape, getitem or cat it may run in int8,
+    even where the tensor only moves between float ops (a transformer's q and k heading for a
+    float matmul, a relative position bias, a class token): each such round trip only adds
+    rounding. pt2e quantizes them only next to int8 ops; so does this pass, once converted.
+
+    Args:
+        graph_module: a converted FX graph (modified in place).
+
+    Returns:
+        How many quantize nodes were removed.
+    """
+    removed: set[fx.Node] = set()
+    for node in list(graph_module.graph.nodes):
+        if node in removed or not _is_quantize(node):
+            continue
+        region = _float_region(node)
+        if region is None:
+            continue
+        for quantize in region[0]:
+            quantize.replace_all_uses_with(quantize.args[0])
+        for dequantize in region[1]:
+            dequantize.replace_all_uses_with(dequantize.args[0])
+        for dead in (*region[1], *region[0]):
+            graph_module.graph.erase_node(dead)
+        removed |= region[0]
+    _drop_unused_attributes(graph_module)
+    return len(removed)
+
+
+def _is_float_op(node: fx.Node, modules: dict, float_ops: Collection[Any]) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) in float_ops
+    if node.op in ("call_function", "call_method"):
+        return any(node.target is op or node.target == op for op in float_ops
+                   if isinstance(op, str) == (node.op == "call_method"))
+    return False
+
+
+def dequantize_float_inputs(graph_module: fx.GraphModule, example: tuple,
+                            float_ops: Collection[Any]) -> int:
+    """Put back the ``dequantize`` FX's lowering dropped in front of ops kept in float.
+
+    ``special_pattern_replacement`` in torch.ao's FX lowering turns ``dequantize -> LayerNorm ->
+    quantize`` into a quantized LayerNorm even for a LayerNorm configured to stay float, and when
+    that LayerNorm's output has other users too it removes the ``dequantize`` but leaves the float
+    module reading a quantized tensor. One run on ``example`` finds every op of ``float_ops``
+    that receives a quantized tensor; a ``dequantize`` is inserted before each.
+
+    Args:
+        graph_module: a converted FX graph (modified in place).
+        example: positional inputs to run it with once.
+        float_ops: module types, functions and method names meant to run in float.
+
+    Returns:
+        How many ``dequantize`` nodes were inserted.
+    """
+    modules = dict(graph_module.named_modules())
+    fixes: list[tuple[fx.Node, fx.Node]] = []
+
+    class _Probe(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            if not _is_float_op(node, modules, float_ops):
+                return super().run_node(node)
+            for arg in node.all_input_nodes:
+                value = self.env[arg]
+                if isinstance(value, torch.Tensor) and value.is_quantized:
+                    fixes.append((node, arg))
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            args, kwargs = fx.node.map_aggregate((args, kwargs), _dequantized)
+            return getattr(self, node.op)(node.target, args, kwargs)
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # e.g. an int8 cat of inputs with different scales, which later passes make float
+        warnings.simplefilter("ignore", UserWarning)
+        _Probe(graph_module).run(*example)
+    for node, arg in fixes:
+        with graph_module.graph.inserting_before(node):
+            node.replace_input_with(arg, graph_module.graph.call_method("dequantize", (arg,)))
+    graph_module.recompile()
+    return len(fixes)
+
+
+def _dequantized(value: Any) -> Any:
+    return value.dequantize() if isinstance(value, torch.Tensor) and value.is_quantized else value
