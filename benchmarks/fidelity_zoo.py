@@ -1,11 +1,11 @@
 """The int8 fidelity zoo: trained attention models and CNNs, with the data they were trained on.
 
 Owns ``ZOO`` (name -> ``Entry``: builder, data, training epochs), ``digit_photos`` (the data),
-``trained`` (a model trained on it, cached on disk) and ``rows`` (the calibration and held-out rows
-every tool sees). Seeded initialisation is not enough for attention fidelity questions (softmax
+``train`` (any model, on it), ``trained`` (a zoo model trained on it, cached on disk) and ``rows``
+(the calibration and held-out rows every tool sees). Seeded initialisation is not enough for attention fidelity questions (softmax
 inputs, LayerNorm statistics and residual-stream ranges of a random net are nothing like a trained
 one's), so every model is trained for a few epochs on real, bundled data: scikit-learn's digits
-drawn in a random colour over random crops of scikit-learn's two sample photographs
+added in a bright random colour onto dimmed random crops of scikit-learn's two sample photographs
 (``digit_photos``, 32x32 or 64x64 RGB, 10 classes), or the plain 8x8 digits for the demo's CNNs.
 Must not import ray, jobs or torch.ao (``quantizer.int8`` is the only home of torch.ao).
 """
@@ -119,6 +119,14 @@ def data(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = _digits()
         return torch.from_numpy(images)[:, None].contiguous(), torch.from_numpy(labels)
     return digit_photos(int(kind.removeprefix("photo")))
+
+
+def train(model: nn.Module, kind: str, epochs: int, lr: float = 2e-3, rows: int = N_TRAIN) -> nn.Module:
+    """Train ``model`` on the first ``rows`` training rows of data set ``kind`` (seeded AdamW,
+    one-cycle schedule, batches of 64); returns it in eval mode."""
+    x, y = data(kind)
+    _train(model, x[:min(rows, N_TRAIN)], y[:min(rows, N_TRAIN)], epochs, lr)
+    return model
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:

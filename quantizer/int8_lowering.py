@@ -85,7 +85,7 @@ def _private_quantize(graph_module: fx.GraphModule, node: fx.Node) -> tuple | No
     if not _is_quantize(source) or len(source.users) != 1:
         return None
     x, scale, zero_point = source.args[:3]
-    values = [getattr(graph_module, arg.target) if isinstance(arg, fx.Node) else arg
+    values = [_attribute(graph_module, arg.target) if isinstance(arg, fx.Node) else arg
               for arg in (scale, zero_point)]
     return x, float(values[0]), int(values[1])
 
@@ -140,21 +140,35 @@ def _drop_unused_attributes(graph_module: fx.GraphModule) -> None:
     graph_module.recompile()
 
 
+def _attribute(graph_module: fx.GraphModule, target: str) -> Any:
+    parent, _, name = target.rpartition(".")
+    return getattr(graph_module.get_submodule(parent), name)
+
+
 def _layer_norm_parts(graph_module: fx.GraphModule, node: fx.Node) -> tuple | None:
-    """(input, normalized_shape, weight, bias, eps, scale, zero_point) of an int8 LayerNorm node."""
+    """(input, call, call args, scale, zero_point) that compute an int8 LayerNorm node in float:
+    ``F.layer_norm`` for the functional op, a float ``nn.LayerNorm`` swapped in for the module
+    (its output qparams move to the root, so the state_dict keeps them)."""
     graph = graph_module.graph
     if node.op == "call_function" and node.target is torch.ops.quantized.layer_norm:
         kw = node.kwargs
-        return (node.args[0], node.args[1], kw.get("weight"), kw.get("bias"), kw.get("eps", 1e-5),
+        args = (tuple(node.args[1]), kw.get("weight"), kw.get("bias"), kw.get("eps", 1e-5))
+        return (node.args[0], ("call_function", nn.functional.layer_norm), args,
                 kw["output_scale"], kw["output_zero_point"])
     if node.op != "call_module" or type(graph_module.get_submodule(node.target)) is not QuantizedLayerNorm:
         return None
-    module = graph_module.get_submodule(node.target)
-    with graph.inserting_before(node):
-        params = [graph.get_attr(f"{node.target}.{name}") if getattr(module, name) is not None
-                  else None for name in ("weight", "bias")]
-        scale, zero_point = (graph.get_attr(f"{node.target}.{n}") for n in ("scale", "zero_point"))
-    return (node.args[0], module.normalized_shape, *params, module.eps, scale, zero_point)
+    quantized = graph_module.get_submodule(node.target)
+    layer_norm = nn.LayerNorm(quantized.normalized_shape, quantized.eps, quantized.elementwise_affine)
+    layer_norm.weight, layer_norm.bias = quantized.weight, quantized.bias
+    parent, _, name = node.target.rpartition(".")
+    setattr(graph_module.get_submodule(parent), name, layer_norm)
+    prefix = node.target.replace(".", "_")
+    qparams = []
+    for suffix, value in (("output_scale", quantized.scale), ("output_zero_point", quantized.zero_point)):
+        graph_module.register_buffer(f"{prefix}_{suffix}", value.clone())
+        with graph.inserting_before(node):
+            qparams.append(graph.get_attr(f"{prefix}_{suffix}"))
+    return (node.args[0], ("call_module", node.target), (), *qparams)
 
 
 def float_layer_norms(graph_module: fx.GraphModule) -> int:
@@ -164,9 +178,9 @@ def float_layer_norms(graph_module: fx.GraphModule) -> int:
     LayerNorm whatever its qconfig, and that pins a quantize on its input: the residual stream of
     a patch-merging or downsampling block, which pt2e keeps float. This pass gives such a
     LayerNorm back its float input (``drop_float_roundtrips`` then removes what fed it, where no
-    int8 op needs it); its output is quantized as before, for the int8 op that reads it. The
-    module stays where it was (its weights and output scale are read from it), so the state_dict
-    is unchanged.
+    int8 op needs it); its output is quantized as before, for the int8 op that reads it. A
+    ``torch.ao`` LayerNorm module becomes a float one with the same weights, its output scale and
+    zero point root buffers.
 
     Returns:
         How many LayerNorms now run in float.
@@ -176,10 +190,10 @@ def float_layer_norms(graph_module: fx.GraphModule) -> int:
         parts = _layer_norm_parts(graph_module, node)
         if parts is None:
             continue
-        source, shape, weight, bias, eps, scale, zero_point = parts
+        source, (op, target), args, scale, zero_point = parts
         with graph.inserting_before(node):
             x = graph.call_method("dequantize", (source,))
-            y = graph.call_function(nn.functional.layer_norm, (x, tuple(shape), weight, bias, eps))
+            y = graph.create_node(op, target, (x, *args))
             q = graph.call_function(torch.quantize_per_tensor, (y, scale, zero_point, torch.quint8))
         node.replace_all_uses_with(q)
         graph.erase_node(node)

@@ -51,7 +51,7 @@ FLOAT_OPS = (nn.LayerNorm, nn.functional.layer_norm, nn.GELU, nn.functional.gelu
              operator.add, torch.add, "add", operator.mul, torch.mul, "mul", torch.mean, "mean")
 # fbgemm's depthwise kernels sum pairs of uint8 x int8 products in int16 (vpmaddubsw) even on
 # VNNI CPUs: with full-range activations their weights get 7 bits, 255 * 64 * 2 < 2**15
-_DEPTHWISE_WEIGHT_RANGE = (-64, 63)
+DEPTHWISE_WEIGHT_RANGE = (-64, 63)
 
 def _check(what: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
@@ -129,7 +129,7 @@ def _mapping_v2(model: nn.Module, settings: Mapping[str, Any]) -> QConfigMapping
     for op in FLOAT_OPS:
         mapping.set_object_type(op, None)
     if full and settings["backend"] in ("fbgemm", "x86"):
-        depthwise = _observers(settings["observer"], full, _DEPTHWISE_WEIGHT_RANGE)
+        depthwise = _observers(settings["observer"], full, DEPTHWISE_WEIGHT_RANGE)
         for name in _depthwise(model):
             mapping.set_module_name(name, depthwise)
     return mapping
