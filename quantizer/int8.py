@@ -2,9 +2,9 @@
 
 Owns ``to_int8``, ``rebuild_int8`` (the uncalibrated skeleton a saved int8 state_dict loads into),
 ``set_engine`` and ``quantized_fraction``; re-exports ``activation_range`` and the settings names
-of ``int8_qconfig`` (which ops are quantized, and how). With ``int8_qconfig`` and
-``int8_lowering`` (passes over the converted graph) it is the int8 engine: the only modules of
-the package that import ``torch.ao.quantization`` (deprecated in torch 2.10+, still working
+of ``int8_qconfig`` (which ops are quantized, and how). With ``int8_qconfig``, ``int8_lowering``
+and ``int8_float_outputs`` (passes over the converted graph) it is the int8 engine: the only
+modules of the package that import ``torch.ao`` (deprecated in torch 2.10+, still working
 through 2.14), so a torchao pt2e engine can sit beside them later. Must not import ray, click or
 ``jobs``.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantizer import int8_lowering
+from quantizer import int8_float_outputs, int8_lowering
 from quantizer.errors import CalibrationError, ConfigError, InputShapeError, TraceError
 from quantizer.int8_qconfig import (  # noqa: F401  (ACTIVATION_RANGES ... re-exported)
     ACTIVATION_RANGES, BACKENDS, FLOAT_OPS, OBSERVERS, QCONFIG_VERSION, QCONFIG_VERSIONS,
@@ -202,12 +202,14 @@ def _check_scales(converted: nn.Module, model_name: str) -> None:
 
 
 def _lowered(converted: torch.fx.GraphModule, example: tuple, settings: Mapping[str, Any]):
-    """Version 2's passes after convert_fx: float ops read float, Linear outputs stay float."""
+    """Version 2's passes after convert_fx: float ops read float tensors, and int8 layers whose
+    outputs only float ops read keep them float."""
     if settings["qconfig_version"] >= 2:
         int8_lowering.dequantize_float_inputs(converted, example, FLOAT_OPS)
         int8_lowering.float_layer_norms(converted)
         if settings["backend"] != "qnnpack":      # qnnpack has no float-output int8 Linear
-            int8_lowering.lower_float_outputs(converted)
+            int8_float_outputs.lower_float_outputs(converted)
+        int8_float_outputs.float_output_convs(converted)
         int8_lowering.drop_float_roundtrips(converted)
     return converted
 

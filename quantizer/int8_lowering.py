@@ -1,7 +1,7 @@
 """Passes over FX's converted int8 graph, for what its lowering to fbgemm kernels does not do.
 
-Owns ``FloatOutputLinear`` and the passes ``dequantize_float_inputs``, ``float_layer_norms``,
-``lower_float_outputs`` and ``drop_float_roundtrips``; only
+Owns the passes ``dequantize_float_inputs``, ``float_layer_norms`` and ``drop_float_roundtrips``
+(and the graph helpers ``int8_float_outputs`` shares); only
 ``quantizer.int8`` calls them, after ``convert_fx``, the same way when converting and when
 rebuilding (so a saved state_dict loads into the same graph). Part of the int8 engine: with
 ``int8.py`` the only modules that touch ``torch.ao``. Must not import ray, click or jobs.
@@ -20,112 +20,23 @@ from torch import fx, nn
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from torch.ao.nn.quantized import LayerNorm as QuantizedLayerNorm
-    from torch.ao.nn.quantized import Linear as QuantizedLinear
 
-# ops that only move or view data: a float output may take them before its dequantize
-_SHAPE_METHODS = frozenset({"reshape", "view", "permute", "transpose", "flatten", "contiguous",
+# ops that only view or reshape data: a float output may take them before its dequantize
+SHAPE_METHODS = frozenset({"reshape", "view", "permute", "transpose", "flatten", "contiguous",
                             "squeeze", "unsqueeze", "unflatten"})
-_SHAPE_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.permute, torch.transpose,
+SHAPE_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.permute, torch.transpose,
                               torch.squeeze, torch.unsqueeze})
 
 
-class FloatOutputLinear(nn.Module):
-    """A static int8 Linear whose output stays float: the int32 sums of the int8 GEMM are scaled
-    straight to float32 (fbgemm's ``linear_with_input_q_dq_qweight_dq_output_fp32``) instead of
-    being rounded to uint8 and dequantized by the next op, as pt2e's graphs compute it.
-
-    Its input is either quantized (an int8 op's output: its own scale is used) or float, which
-    the kernel quantizes with ``input_scale`` and ``input_zero_point`` (the calibrated qparams
-    of the quantize op it replaces). The state_dict holds those two and the packed weight and
-    bias of the ``torch.ao`` Linear it replaces.
-    """
-
-    def __init__(self, linear: QuantizedLinear, input_scale: float = 1.0, input_zero_point: int = 0):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._packed_params = linear._packed_params
-        self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float64))
-        self.register_buffer("input_zero_point", torch.tensor(input_zero_point, dtype=torch.int64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_quantized:   # the kernel quantizes its float input again with the same qparams
-            scale, zero_point, x = x.q_scale(), x.q_zero_point(), x.dequantize()
-        else:
-            scale, zero_point = float(self.input_scale), int(self.input_zero_point)
-        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x, scale, zero_point, self._packed_params._packed_params)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, output=float32"
-
-
-def _is_shape_op(node: fx.Node, source: fx.Node) -> bool:
+def is_shape_op(node: fx.Node, source: fx.Node) -> bool:
+    """``node`` views or reshapes ``source`` (its first argument), nothing else."""
     if not node.args or node.args[0] is not source:
         return False
-    return ((node.op == "call_method" and node.target in _SHAPE_METHODS)
-            or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS))
+    return ((node.op == "call_method" and node.target in SHAPE_METHODS)
+            or (node.op == "call_function" and node.target in SHAPE_FUNCTIONS))
 
 
-def _dequantize_after(node: fx.Node) -> fx.Node | None:
-    """The ``dequantize`` that ``node``'s output reaches through single-user shape ops, if any."""
-    current = node
-    while len(current.users) == 1:
-        (user,) = current.users
-        if user.op == "call_method" and user.target == "dequantize":
-            return user
-        if not _is_shape_op(user, current):
-            return None
-        current = user
-    return None
-
-
-def _private_quantize(graph_module: fx.GraphModule, node: fx.Node) -> tuple | None:
-    """(float input, scale, zero_point) when ``node`` reads a quantize op nothing else reads."""
-    source = node.args[0]
-    if not _is_quantize(source) or len(source.users) != 1:
-        return None
-    x, scale, zero_point = source.args[:3]
-    values = [_attribute(graph_module, arg.target) if isinstance(arg, fx.Node) else arg
-              for arg in (scale, zero_point)]
-    return x, float(values[0]), int(values[1])
-
-
-def lower_float_outputs(graph_module: fx.GraphModule) -> list[str]:
-    """Swap every int8 Linear whose output is only dequantized for a ``FloatOutputLinear``.
-
-    When nothing else reads the quantize op in front of it, that op goes too: the Linear takes
-    the float tensor and quantizes it inside its kernel.
-
-    Args:
-        graph_module: a converted FX graph (fbgemm or x86 engine; qnnpack lacks the kernel).
-
-    Returns:
-        The names of the swapped modules, in graph order (the graph is modified in place).
-    """
-    graph, swapped = graph_module.graph, []
-    for node in list(graph.nodes):
-        if node.op != "call_module" or type(graph_module.get_submodule(node.target)) is not QuantizedLinear:
-            continue
-        dequantize = _dequantize_after(node)
-        if dequantize is None:
-            continue
-        private = _private_quantize(graph_module, node)
-        qparams = private[1:] if private else ()
-        parent, _, name = node.target.rpartition(".")
-        setattr(graph_module.get_submodule(parent), name,
-                FloatOutputLinear(graph_module.get_submodule(node.target), *qparams))
-        if private:
-            quantize = node.args[0]
-            node.replace_input_with(quantize, private[0])
-            graph.erase_node(quantize)
-        dequantize.replace_all_uses_with(dequantize.args[0])
-        graph.erase_node(dequantize)
-        swapped.append(node.target)
-    _drop_unused_attributes(graph_module)
-    return swapped
-
-
-def _drop_unused_attributes(graph_module: fx.GraphModule) -> None:
+def drop_unused_attributes(graph_module: fx.GraphModule) -> None:
     """Dead get_attr nodes out of the graph, and the tensors they read out of the state_dict."""
     graph = graph_module.graph
     before = {n.target for n in graph.nodes if n.op == "get_attr"}
@@ -140,7 +51,7 @@ def _drop_unused_attributes(graph_module: fx.GraphModule) -> None:
     graph_module.recompile()
 
 
-def _attribute(graph_module: fx.GraphModule, target: str) -> Any:
+def attribute(graph_module: fx.GraphModule, target: str) -> Any:
     parent, _, name = target.rpartition(".")
     return getattr(graph_module.get_submodule(parent), name)
 
@@ -198,24 +109,24 @@ def float_layer_norms(graph_module: fx.GraphModule) -> int:
         node.replace_all_uses_with(q)
         graph.erase_node(node)
         count += 1
-    _drop_unused_attributes(graph_module)
+    drop_unused_attributes(graph_module)
     return count
 
 
-def _is_quantize(node: fx.Node) -> bool:
+def is_quantize(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.quantize_per_tensor
 
 
-def _is_dequantize(node: fx.Node) -> bool:
+def is_dequantize(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "dequantize"
 
 
 def _moves_data(node: fx.Node) -> bool:
     """Ops that give the same values, moved: a quantize before them commutes with them."""
     if node.op == "call_method":
-        return node.target in _SHAPE_METHODS or node.target == "expand"
+        return node.target in SHAPE_METHODS or node.target == "expand"
     return node.op == "call_function" and (
-        node.target in _SHAPE_FUNCTIONS or node.target in (operator.getitem, torch.cat))
+        node.target in SHAPE_FUNCTIONS or node.target in (operator.getitem, torch.cat))
 
 
 def _reads_metadata(node: fx.Node) -> bool:
@@ -239,7 +150,7 @@ def _float_region(quantize: fx.Node) -> tuple[set, set] | None:
             if user in seen:
                 continue
             seen.add(user)
-            if _is_dequantize(user):
+            if is_dequantize(user):
                 dequantizes.add(user)
                 continue
             if _reads_metadata(user):
@@ -247,7 +158,7 @@ def _float_region(quantize: fx.Node) -> tuple[set, set] | None:
             if not _moves_data(user):
                 return None                  # an int8 op reads it: this quantize is needed
             for arg in _moved(user):
-                if arg not in seen and not _is_quantize(arg):
+                if arg not in seen and not is_quantize(arg):
                     return None              # mixed with an int8 op's output
                 if arg not in seen:
                     quantizes.add(arg)
@@ -273,7 +184,7 @@ def drop_float_roundtrips(graph_module: fx.GraphModule) -> int:
     """
     removed: set[fx.Node] = set()
     for node in list(graph_module.graph.nodes):
-        if node in removed or not _is_quantize(node):
+        if node in removed or not is_quantize(node):
             continue
         region = _float_region(node)
         if region is None:
@@ -285,7 +196,7 @@ def drop_float_roundtrips(graph_module: fx.GraphModule) -> int:
         for dead in (*region[1], *region[0]):
             graph_module.graph.erase_node(dead)
         removed |= region[0]
-    _drop_unused_attributes(graph_module)
+    drop_unused_attributes(graph_module)
     return len(removed)
 
 

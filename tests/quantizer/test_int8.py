@@ -11,7 +11,7 @@ from torch import nn
 
 from quantizer.errors import CalibrationError, ConfigError, InputShapeError, TraceError
 from quantizer.fidelity import sqnr_db
-from quantizer.int8_lowering import FloatOutputLinear
+from quantizer.int8_float_outputs import FloatOutputLinear
 from quantizer.int8 import (
     BACKENDS, OBSERVERS, CalibrationWarning, quantized_fraction, rebuild_int8, set_engine, to_int8,
 )
