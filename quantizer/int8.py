@@ -207,6 +207,7 @@ def _lowered(converted: torch.fx.GraphModule, example: tuple, settings: Mapping[
     if settings["qconfig_version"] >= 2:
         int8_lowering.dequantize_float_inputs(converted, example, FLOAT_OPS)
         int8_lowering.float_layer_norms(converted)
+        int8_lowering.int8_adds(converted)
         if settings["backend"] != "qnnpack":      # qnnpack has no float-output int8 Linear
             int8_float_outputs.lower_float_outputs(converted)
         int8_float_outputs.float_output_convs(converted)

@@ -70,18 +70,19 @@ class FloatOutputConv(nn.Module):
     def __init__(self, conv: QuantizedConv2d):
         super().__init__()
         self.conv = conv
-        self._weight: torch.Tensor | None = None
+        self._weight_bias: tuple | None = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._weight = None       # new weights are coming
+        self._weight_bias = None       # new weights are coming
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if self._weight is None or torch.jit.is_tracing():
-            self._weight = conv.weight().dequantize()
-        y = nn.functional.conv2d(x.dequantize(), self._weight, conv.bias(), conv.stride,
-                                 conv.padding, conv.dilation, conv.groups)
+        if self._weight_bias is None or torch.jit.is_tracing():
+            weight, bias = conv._weight_bias()         # unpacking costs: once
+            self._weight_bias = (weight.dequantize(), bias)
+        y = nn.functional.conv2d(x.dequantize(), *self._weight_bias, conv.stride, conv.padding,
+                                 conv.dilation, conv.groups)
         return torch.relu(y) if isinstance(conv, QuantizedConvReLU2d) else y
 
 

@@ -1,6 +1,7 @@
 """Passes over FX's converted int8 graph, for what its lowering to fbgemm kernels does not do.
 
-Owns the passes ``dequantize_float_inputs``, ``float_layer_norms`` and ``drop_float_roundtrips``
+Owns the passes ``dequantize_float_inputs``, ``float_layer_norms``, ``int8_adds`` and
+``drop_float_roundtrips``
 (and the graph helpers ``int8_float_outputs`` shares); only
 ``quantizer.int8`` calls them, after ``convert_fx``, the same way when converting and when
 rebuilding (so a saved state_dict loads into the same graph). Part of the int8 engine: with
@@ -110,6 +111,52 @@ def float_layer_norms(graph_module: fx.GraphModule) -> int:
         graph.erase_node(node)
         count += 1
     drop_unused_attributes(graph_module)
+    return count
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.ReLU
+    return (node.op == "call_function" and node.target in (torch.relu, nn.functional.relu)) \
+        or (node.op == "call_method" and node.target == "relu")
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def int8_adds(graph_module: fx.GraphModule) -> int:
+    """Turn ``dequantize(a) + dequantize(b)``, with an optional ReLU, that is quantized straight
+    after back into one int8 add (``quantized::add`` / ``add_relu``).
+
+    Version 2 keeps adds in float for a transformer's residual stream; between two int8 tensors
+    whose sum is quantized again (a ResNet or MobileNet block) the float add only costs time: the
+    int8 kernel rounds once, at the same place.
+
+    Returns:
+        How many adds became int8.
+    """
+    graph, modules, count = graph_module.graph, dict(graph_module.named_modules()), 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (operator.add, torch.add) \
+                or len(node.args) != 2 or node.kwargs or not all(
+                    isinstance(a, fx.Node) and is_dequantize(a) for a in node.args):
+            continue
+        relu = _only_user(node)
+        relu = relu if relu is not None and _is_relu(relu, modules) else None
+        quantize = _only_user(relu or node)
+        if quantize is None or not is_quantize(quantize) or quantize.args[0] is not (relu or node):
+            continue
+        kernel = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
+        with graph.inserting_before(quantize):
+            fused = graph.call_function(kernel, (node.args[0].args[0], node.args[1].args[0],
+                                                 *quantize.args[1:3]))
+        quantize.replace_all_uses_with(fused)
+        for dead in (quantize, relu, node, *node.args):
+            if dead is not None and not dead.users:
+                graph.erase_node(dead)
+        count += 1
+    graph_module.recompile()
     return count
 
 

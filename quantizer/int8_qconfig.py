@@ -43,8 +43,8 @@ SETTINGS_FIELDS = ("recipe", "backend", "observer", "activation_range", "qconfig
 # version 1: fbgemm/x86 kernels can overflow 16-bit accumulators with full-range activations
 _REDUCE_RANGE = {"fbgemm": True, "qnnpack": False, "x86": True}
 # version 2 keeps these in float, as pt2e does: int8 residual adds quantize a transformer's
-# residual stream at every block, and the others cost fidelity for little speed (an add followed
-# by a ReLU stays int8: FX fuses the pair and takes the ReLU's qconfig)
+# residual stream at every block, and the others cost fidelity for little speed (an add between
+# two int8 tensors whose sum is quantized again becomes int8 after conversion: int8_adds)
 FLOAT_OPS = (nn.LayerNorm, nn.functional.layer_norm, nn.GELU, nn.functional.gelu,
              nn.Softmax, nn.functional.softmax, "softmax", torch.softmax,
              torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm",
