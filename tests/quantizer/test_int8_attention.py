@@ -116,6 +116,15 @@ def test_cnns_are_no_worse_than_quantize_all_0_1(which, digits, cnn):
     assert new >= today - 0.5, (new, today)
 
 
+def test_cnn_residual_adds_stay_int8(digits):
+    model = _digits_cnn(ResidualCNN, digits, width=16, blocks=2)
+    converted = to_int8(model, batches(digits["x_train"], digits["y_train"], 32, 2), 2)
+    called = [n.target for n in converted.graph.nodes if n.op == "call_function"]
+    assert called.count(torch.ops.quantized.add_relu) == 2          # no float add between convs
+    assert not [m for m in converted.modules() if isinstance(m, FloatOutputConv)]
+    assert isinstance(converted.head, FloatOutputLinear)            # float logits
+
+
 def _cpu_has_avx512_vnni() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
