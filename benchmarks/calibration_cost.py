@@ -11,7 +11,8 @@ the split prepare (FX trace, fusion, observer insertion) / calibrate (the 10 for
 observers) / convert, the calibrate time divided by the time of the same 10 forward passes of the
 fp32 model (observer overhead), and the SQNR of the result on 64 held-out rows. Medians over the
 repeats; torch at its default thread count. The phases are the product's own
-(``quantizer.int8._prepare``, ``_calibrate``, ``convert_fx``), timed one by one.
+(``quantizer.int8._prepare``, ``_calibrate``, ``convert_fx`` and the passes after it), timed one
+by one.
 Must not import ray or jobs.
 """
 
@@ -40,7 +41,7 @@ def _phases(model, batches, observer: str) -> tuple[dict, object]:
     used = int8._calibrate(prepared, model, ((b,) for b in batches))
     t2 = time.perf_counter()
     with int8._quiet_ao():
-        converted = int8.convert_fx(prepared)
+        converted = int8._lowered(int8.convert_fx(prepared), (batches[0],), settings)
     t3 = time.perf_counter()
     assert used == len(batches)
     return {"prepare_s": t1 - t0, "calibrate_s": t2 - t1, "convert_s": t3 - t2}, converted
