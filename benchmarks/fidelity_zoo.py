@@ -2,9 +2,9 @@
 
 Owns ``ZOO`` (name -> ``Entry``: builder, data, training epochs), ``digit_photos`` (the data),
 ``train`` (any model, on it), ``trained`` (a zoo model trained on it, cached on disk) and ``rows``
-(the calibration and held-out rows every tool sees). Seeded initialisation is not enough for attention fidelity questions (softmax
-inputs, LayerNorm statistics and residual-stream ranges of a random net are nothing like a trained
-one's), so every model is trained for a few epochs on real, bundled data: scikit-learn's digits
+(the calibration and held-out rows every tool sees). Seeded initialisation is not enough for
+attention fidelity questions (softmax inputs, LayerNorm statistics and residual-stream ranges of a
+random net are nothing like a trained one's), so every model is trained for a few epochs on real, bundled data: scikit-learn's digits
 added in a bright random colour onto dimmed random crops of scikit-learn's two sample photographs
 (``digit_photos``, 32x32 or 64x64 RGB, 10 classes), or the plain 8x8 digits for the demo's CNNs.
 Must not import ray, jobs or torch.ao (``quantizer.int8`` is the only home of torch.ao).
@@ -81,7 +81,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 def _photo_crops(count: int, size: int, rng: np.random.RandomState) -> torch.Tensor:
     from sklearn.datasets import load_sample_images
 
-    photos = [torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255 for p in load_sample_images().images]
+    photos = [torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255
+              for p in load_sample_images().images]
     crops = []
     for _ in range(count):
         photo = photos[rng.randint(len(photos))]
