@@ -4,10 +4,11 @@ Owns ``ZOO`` (name -> ``Entry``: builder, data, training epochs), ``digit_photos
 ``train`` (any model, on it), ``trained`` (a zoo model trained on it, cached on disk) and ``rows``
 (the calibration and held-out rows every tool sees). Seeded initialisation is not enough for
 attention fidelity questions (softmax inputs, LayerNorm statistics and residual-stream ranges of a
-random net are nothing like a trained one's), so every model is trained for a few epochs on real, bundled data: scikit-learn's digits
-added in a bright random colour onto dimmed random crops of scikit-learn's two sample photographs
-(``digit_photos``, 32x32 or 64x64 RGB, 10 classes), or the plain 8x8 digits for the demo's CNNs.
-Must not import ray, jobs or torch.ao (``quantizer.int8`` is the only home of torch.ao).
+random net are nothing like a trained one's), so every model is trained for a few epochs on real,
+bundled data: scikit-learn's digits added in a bright random colour onto dimmed random crops of
+scikit-learn's two sample photographs (``digit_photos``, 32x32 or 64x64 RGB, 10 classes), or the
+plain 8x8 digits for the demo's CNNs. Must not import ray or torch.ao (the int8 engine in
+``quantizer`` is its only home); imports ``jobs.demo.models`` for the demo CNNs.
 """
 
 from __future__ import annotations
