@@ -11,7 +11,7 @@ LayerNorms FX made int8 run float; F + float outputs of dense convolutions (= ve
 ``quantizer.int8``'s pass list and float-op list for each step (private names: this is a
 measurement of their parts, not an API). SQNR of the logits on 128 held-out rows, fbgemm,
 4 calibration batches of 8 rows by default. Figures last, as ``name: value`` lines.
-Must not import ray or jobs.
+Must not import ray.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ installed). All three see the same checkpoint, the same calibration batches and 
 rows. For (a) and (b) also: the speedup of int8 over fp32 at batch 1 (medians of interleaved
 rounds, torch's default thread count) and the state_dict size ratio int8 / fp32. pt2e's int8
 speed needs ``torch.compile`` (Inductor), not measured here. Figures last, as ``name: value``
-lines, with ``met_*`` lines for issue 14's targets. Must not import ray or jobs.
+lines, with ``met_*`` lines for issue 14's targets. Must not import ray (the zoo imports
+``jobs.demo.models``, torch only).
 """
 
 from __future__ import annotations
