@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +30,19 @@ from jobs.store import (LOCK_EXPIRY_S, LOCK_NAME, LockHeldError, Store, StoreErr
                         TransientStoreError, redact_text)
 
 ADVISORY_SETTLE_S = 1.0
+
+
+class LockLostError(LockHeldError):
+    """This run no longer holds DEST's lock (another run took it over): stop writing (exit 3)."""
+
+    def __init__(self, uri: str, run_id: str, holder: dict | None):
+        self.holder = holder or {}
+        Exception.__init__(
+            self, f"{uri}: run {run_id} lost its lock"
+            + (f" to run {self.holder.get('run_id')} on host {self.holder.get('host')}"
+               if holder else " (the lock is gone)")
+            + "; it stopped before writing the manifest again. Check that no two runs share "
+              "this DEST, then run the command again.")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -61,6 +75,36 @@ class StoreLock:
         }
         self.backend = _backend_for(store, self.path)
         self.mode = self.backend.mode       # "local" | "s3-conditional" | "advisory"
+
+    # -- the CONTRACTS.md API (a minimal version until jobs.lock is rewritten) ----------------
+    def __enter__(self) -> "StoreLock":
+        self.acquire()
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._beat_loop, name="quantize-all-lock",
+                                      daemon=True)
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._beat.join()
+        self.release()
+
+    @property
+    def held(self) -> bool:
+        """The last known state: False once a check found another holder."""
+        return getattr(self, "_held", True)
+
+    def ensure_held(self) -> None:
+        """Re-read the lock; raise LockLostError unless this run still holds it."""
+        holder, _ = self.backend.read()
+        if holder is None or holder.get("run_id") != self.run_id:
+            self._held = False
+            raise LockLostError(self.store.display, self.run_id, holder)
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(LOCK_EXPIRY_S / 6):
+            self.heartbeat()
 
     def acquire(self) -> None:
         """Take the lock, taking over a dead holder's lock.
