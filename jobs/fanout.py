@@ -54,13 +54,22 @@ def connect(address: str | None, num_cpus: int | None, zoo_dir: str) -> str:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         return "joined"
     # Factories next to the zoo file or in the current folder import in workers as they would
-    # in the user's shell (jobs.sources.search_path looks in the same order).
-    paths = [os.getcwd(), zoo_dir, os.environ.get("PYTHONPATH", "")]
-    pythonpath = os.pathsep.join(p for p in paths if p)
-    # address="local": a Ray of our own, even if `ray start` registered one on this machine
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    # in the user's shell (jobs.sources.search_path looks in the same order). Ray's processes
+    # inherit the environment they start in: passed that way rather than as a runtime_env, the
+    # workers Ray prestarts while the driver connects serve this run (a runtime_env would make
+    # Ray start new ones for it, ~1 s later).
+    saved = os.environ.get("PYTHONPATH")
+    paths = [os.getcwd(), zoo_dir, saved or ""]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    try:
+        # address="local": a Ray of our own, even if `ray start` registered one on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     return "local"
 
 

@@ -27,7 +27,7 @@ from jobs.plan import FIDELITY_ROWS  # noqa: F401  (held-out rows; re-exported f
 from quantizer.fidelity import flatten_outputs
 
 FP16_CPU_ROWS = 8             # fp16 on a CPU is still slower than fp32: fewer rows
-LATENCY_FORWARDS = 12         # latency budget = this many first forwards ...
+LATENCY_FORWARDS = 8          # latency budget = this many first forwards ...
 LATENCY_BUDGET_S = 0.5        # ... but at most this, per model and precision
 LATENCY_MIN_BUDGET_S = 0.02
 SQNR_CAP_DB = 300.0           # identical outputs: +300 dB (JSON has no infinity)
