@@ -153,27 +153,30 @@ def test_editing_the_factory_module_changes_the_key_without_importing_it(tmp_pat
 # -- item 7: keys on what the worker ran ----------------------------------------------------------
 def test_rows_are_keyed_on_the_workers_facts_not_the_drivers_belief(ray_local, tmp_path,
                                                                    monkeypatch):
+    import torch
+
     zoo = make_zoo(tmp_path / "zoo", {"a": {}})
     out = tmp_path / "out"
-    # The driver believes its workers run other versions: a stale facts cache (and, for the
-    # code this replaced, a driver whose own versions differ from its workers').
+    # A driver whose own torch differs from its workers' (a ray:// client): the code this
+    # replaced keyed rows on the driver's versions, so its next run converted everything again.
+    monkeypatch.setattr(jobs.plan, "versions", lambda: {"torch": "0.0.0-driver",
+                                                        "quantizer": "0.0.0-driver"},
+                        raising=False)
+    assert cli(zoo, "--out", out)[0] == 0
+    monkeypatch.undo()
+    code, summary, _ = cli(zoo, "--out", out)
+    assert code == 0 and summary["counts"] == {"ok": 0, "failed": 0, "skipped": 2}
+    # The driver's belief here is the facts cache: make it stale, and force a conversion.
     from jobs.keys import local_environment
     from jobs.sources import search_path
 
     wrong = {"torch": "0.0.0-driver", "quantizer": "0.0.0-driver", "activation_range": {}}
     env = local_environment(search_path(str(zoo.parent)))
-    (out / ".cache").mkdir(parents=True)
     (out / ".cache" / "worker-facts.json").write_text(json.dumps({env: wrong}))
-    monkeypatch.setattr(jobs.plan, "versions", lambda: {"torch": "0.0.0-driver",
-                                                        "quantizer": "0.0.0-driver"},
-                        raising=False)
-    assert cli(zoo, "--out", out)[0] == 0
-    import torch
-
+    assert cli(zoo, "--out", out, "--force")[0] == 0
     rows = read_manifest(out)["rows"]
     assert {r["torch_version"] for r in rows} == {torch.__version__}
     assert all("keyed on this worker's torch" in (r["notes"] or "") for r in rows)
-    monkeypatch.undo()
     code, summary, _ = cli(zoo, "--out", out)       # what was converted is what is up to date
     assert code == 0 and summary["counts"] == {"ok": 0, "failed": 0, "skipped": 2}
 
