@@ -43,12 +43,14 @@ class Done:
 
 
 def connect(address: str | None, num_cpus: int | None, zoo_dir: str) -> str:
-    """Join ``address`` ("joined"), reuse this process's Ray ("existing"), or start a local Ray
-    ("local"). Raises RayUnavailableError when the address does not answer."""
+    """Join ``address`` or ``$RAY_ADDRESS`` ("joined"), reuse this process's Ray ("existing"),
+    or start a local Ray ("local"). Raises RayUnavailableError when the address does not
+    answer."""
     import ray
 
     if ray.is_initialized():
         return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         _probe(address)
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
