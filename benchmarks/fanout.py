@@ -36,7 +36,7 @@ LOOP_THREAD_GAIN_16 = 2.5
 
 
 def build_zoo(folder: str, archs: list[str], batches: int) -> str:
-    """Checkpoints (seeded random weights), one Arrow calibration file, zoo.yaml; returns its path."""
+    """Checkpoints (seeded random weights), one Arrow calibration file, zoo.yaml; its path."""
     import torch
 
     import quantizer
@@ -73,14 +73,17 @@ def baseline(zoo_path: str, out: str, threads: int | None = None) -> None:
     with open(zoo_path) as f:
         zoo = yaml.safe_load(f)
     cal = zoo["defaults"]["calibration"]
-    calib = quantizer.read_calibration(os.path.join(folder, cal["data"]), batch_size=cal["batch_size"])
+    calib = quantizer.read_calibration(os.path.join(folder, cal["data"]),
+                                       batch_size=cal["batch_size"])
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     for entry in zoo["models"]:
         model = build(**entry["kwargs"])
-        model.load_state_dict(torch.load(os.path.join(folder, entry["checkpoint"]), weights_only=True))
+        state = torch.load(os.path.join(folder, entry["checkpoint"]), weights_only=True)
+        model.load_state_dict(state)
         model.eval()
-        torch.save(quantizer.to_fp16(model).state_dict(), os.path.join(out, f"{entry['name']}.fp16.pt"))
+        torch.save(quantizer.to_fp16(model).state_dict(),
+                   os.path.join(out, f"{entry['name']}.fp16.pt"))
         int8 = quantizer.to_int8(model, calib, calibration_batches=cal["batches"])
         torch.save(int8.state_dict(), os.path.join(out, f"{entry['name']}.int8.pt"))
     print(f"BARE_S={time.perf_counter() - t0}")
@@ -156,9 +159,10 @@ def scaling(zoo: str, work: str, figures: dict) -> dict:
         out[f"model_wall_{c}_cores_s"] = p["wall_s"]
         out[f"model_balance_{c}_cores"] = p["balance"]
     out["model_error_here"] = out[f"model_wall_{cores}_cores_s"] / figures["quantize_all_wall_s"] - 1
+    wall16 = out["model_wall_16_cores_s"]
     loop16 = bare_s / LOOP_THREAD_GAIN_16 + (figures["baseline_wall_s"] - bare_s)
-    out["predicted_ratio_16_cores_vs_loop_here"] = figures["baseline_wall_s"] / out["model_wall_16_cores_s"]
-    out["predicted_ratio_16_cores_vs_threaded_loop"] = loop16 / out["model_wall_16_cores_s"]
+    out["predicted_ratio_16_cores_vs_loop_here"] = figures["baseline_wall_s"] / wall16
+    out["predicted_ratio_16_cores_vs_threaded_loop"] = loop16 / wall16
     return out
 
 
@@ -180,7 +184,8 @@ def _main(args, work: str) -> int:
     figures = {"models": len(archs), "calibration_batches": batches, **harness.start_figures()}
     t0 = time.perf_counter()
     zoo = build_zoo(os.path.join(work, "zoo"), archs, batches)
-    print(f"zoo of {len(archs)} models built in {time.perf_counter() - t0:.1f} s: {zoo}", file=sys.stderr)
+    print(f"zoo of {len(archs)} models built in {time.perf_counter() - t0:.1f} s: {zoo}",
+          file=sys.stderr)
     figures.update(measure(zoo, work, repeats))
     if not (args.quick or args.no_scaling):
         figures.update(scaling(zoo, work, figures))

@@ -23,8 +23,6 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
-import pyarrow as pa
-import pyarrow.fs as pafs
 import torch
 
 import quantizer
@@ -33,8 +31,9 @@ from jobs.keys import content_key
 from jobs.manifest import blank_row, now_iso
 from jobs.plan import ConversionJob, PrecisionJob
 from jobs.publish import intact_record, publish_dir, stored_files
-from jobs.store import Store, TransientStoreError, is_transient, redact_text, redact_uri, with_backoff
-
+from jobs.sources import one_file_filesystem
+from jobs.store import (Store, TransientStoreError, is_transient, redact_text, redact_uri,
+                         with_backoff)
 
 PUBLISHED_FIELDS = ("artifact_uri", "artifact_sha256", "artifact_bytes", "size_ratio", "files")
 
@@ -193,7 +192,7 @@ def _load(job: ConversionJob):
             f"under the old key. Run again to convert the new file.")
     return quantizer.load_model(job.spec.factory, name, kwargs=dict(job.spec.kwargs),
                                 allow_pickle=job.spec.allow_pickle,
-                                filesystem=pafs.PyFileSystem(_OneFile(data)))
+                                filesystem=one_file_filesystem(data))
 
 
 def _data(job: ConversionJob, table):
@@ -258,7 +257,7 @@ def _one(job, pj, key, model, calib, ref, out: dict, where: _Where) -> dict:
     if ref is not None:
         out.update(_measure(job, pj.precision, ref, model, converted, where.device))
     out["notes"] = [out.pop("fidelity_note", None), out.pop("latency_note", None)]
-    _check_gates(job, pj.precision, out)
+    measure.check_gates(job.name, job.spec, pj.precision, out)
     out.update(_publish(job, pj, key, converted, ref, out, where.store))
     return out
 
@@ -269,32 +268,6 @@ def _quantized_fraction(precision: str, converted, fp32) -> float:
     total = sum(t.numel() for t in converted.parameters())
     half = sum(t.numel() for t in converted.parameters() if t.dtype == torch.float16)
     return half / total if total else 0.0
-
-
-def _check_gates(job: ConversionJob, precision: str, out: dict) -> None:
-    """int8 only: the quantized share, ``min_sqnr_db`` (documented as the int8 fidelity gate)
-    and ``min_speedup``. An fp16 row fails only on non-finite outputs (``jobs.measure``)."""
-    if precision != "int8":
-        return
-    spec, frac = job.spec, out["quantized_fraction"]
-    if frac < spec.min_quantized_fraction:
-        raise quantizer.NotQuantizedError(
-            f"model {job.name}: int8 conversion quantized only {frac:.1%} of the parameters "
-            f"(min_quantized_fraction {spec.min_quantized_fraction}); FX static quantization "
-            f"leaves modules such as nn.LSTM and nn.TransformerEncoder in float. Nothing is "
-            f"shipped as int8; use fp16 for this model, or restructure it.")
-    floor, sqnr = spec.min_sqnr_db, out.get("sqnr_db")
-    if floor is not None and sqnr is not None and sqnr < floor:
-        raise quantizer.FidelityError(
-            f"model {job.name} int8: SQNR {sqnr:.1f} dB is below min_sqnr_db {floor} "
-            f"(measured on {out.get('fidelity_rows')} rows); try observer: default, more "
-            f"calibration batches, or fp16")
-    speedup = out.get("speedup")
-    if spec.min_speedup is not None and speedup is not None and speedup < spec.min_speedup:
-        raise quantizer.SpeedupError(
-            f"model {job.name} int8: speedup {speedup:.2f}x is below min_speedup "
-            f"{spec.min_speedup} ({out['latency_ms']:.2f} ms vs {out['latency_fp32_ms']:.2f} "
-            f"ms fp32)")
 
 
 def _publish(job, pj, key, converted, ref, out: dict, store: Store) -> dict:
@@ -337,35 +310,3 @@ def _state_bytes(model) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.tell()
-
-
-class _OneFile(pafs.FileSystemHandler):
-    """A read-only filesystem serving one file's bytes, already hash-checked, under any name:
-    ``quantizer.load_model`` then loads exactly the bytes that were verified."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def get_type_name(self):
-        return "verified-bytes"
-
-    def normalize_path(self, path):
-        return path
-
-    def get_file_info(self, paths):
-        return [pafs.FileInfo(p, pafs.FileType.File, size=len(self.data)) for p in paths]
-
-    def get_file_info_selector(self, selector):
-        return []
-
-    def open_input_stream(self, path):
-        return pa.BufferReader(self.data)
-
-    def open_input_file(self, path):
-        return pa.BufferReader(self.data)
-
-    def _read_only(self, *args):
-        raise OSError("read-only: a verified checkpoint")
-
-    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
-    delete_file = move = copy_file = open_output_stream = open_append_stream = _read_only

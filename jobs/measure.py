@@ -11,6 +11,8 @@
   measured (null, with the reason) and fidelity runs in ``channels_last`` memory format, which
   sends fp16 convolutions to oneDNN (the default-format CPU path is a slow reference kernel,
   ~6x slower here); same weights, results equal to a default-format run up to rounding.
+- Gates (``check_gates``): int8 only. ``min_quantized_fraction``, ``min_sqnr_db`` (documented as
+  the int8 fidelity gate) and ``min_speedup``; an fp16 row fails only on non-finite outputs.
 Must not import ray or click.
 """
 
@@ -163,3 +165,29 @@ def fidelity(name: str, precision: str, ref: Reference, got: list[torch.Tensor],
     out["sqnr_db"] = max(-SQNR_CAP_DB, min(SQNR_CAP_DB, float(sqnr)))
     out["top1_agreement"] = float(quantizer.top1_agreement(want, got))
     return out
+
+
+def check_gates(name: str, spec, precision: str, out: dict) -> None:
+    """int8 only: the quantized share, ``min_sqnr_db`` (documented as the int8 fidelity gate)
+    and ``min_speedup``. An fp16 row fails only on non-finite outputs (``jobs.measure``)."""
+    if precision != "int8":
+        return
+    frac = out["quantized_fraction"]
+    if frac < spec.min_quantized_fraction:
+        raise quantizer.NotQuantizedError(
+            f"model {name}: int8 conversion quantized only {frac:.1%} of the parameters "
+            f"(min_quantized_fraction {spec.min_quantized_fraction}); FX static quantization "
+            f"leaves modules such as nn.LSTM and nn.TransformerEncoder in float. Nothing is "
+            f"shipped as int8; use fp16 for this model, or restructure it.")
+    floor, sqnr = spec.min_sqnr_db, out.get("sqnr_db")
+    if floor is not None and sqnr is not None and sqnr < floor:
+        raise quantizer.FidelityError(
+            f"model {name} int8: SQNR {sqnr:.1f} dB is below min_sqnr_db {floor} "
+            f"(measured on {out.get('fidelity_rows')} rows); try observer: default, more "
+            f"calibration batches, or fp16")
+    speedup = out.get("speedup")
+    if spec.min_speedup is not None and speedup is not None and speedup < spec.min_speedup:
+        raise quantizer.SpeedupError(
+            f"model {name} int8: speedup {speedup:.2f}x is below min_speedup "
+            f"{spec.min_speedup} ({out['latency_ms']:.2f} ms vs {out['latency_fp32_ms']:.2f} "
+            f"ms fp32)")

@@ -76,7 +76,7 @@ def files_present(store: Store, rel: str, files: list[dict] | None) -> bool:
 
 
 def intact_record(store: Store, name: str, precision: str, key: str) -> dict | None:
-    """The ``ok`` completion record at ``key`` if the files it lists are stored intact, else None."""
+    """The ``ok`` completion record at ``key`` if the files it lists are stored intact."""
     record = store.read_json(layout.record_path(name, precision, key))
     if not record or record.get("status") != "ok" or record.get("key") != key:
         return None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from jobs.layout import HASH_CACHE
@@ -239,3 +240,41 @@ def _package_version(top: str) -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
+
+
+def one_file_filesystem(data: bytes) -> pafs.FileSystem:
+    """A read-only filesystem serving ``data`` under any name: a loader given it reads exactly
+    the bytes that were hash-checked, whatever happens to the file meanwhile."""
+    return pafs.PyFileSystem(_OneFile(data))
+
+
+class _OneFile(pafs.FileSystemHandler):
+    """A read-only filesystem serving one file's bytes, already hash-checked, under any name:
+    ``quantizer.load_model`` then loads exactly the bytes that were verified."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def get_type_name(self):
+        return "verified-bytes"
+
+    def normalize_path(self, path):
+        return path
+
+    def get_file_info(self, paths):
+        return [pafs.FileInfo(p, pafs.FileType.File, size=len(self.data)) for p in paths]
+
+    def get_file_info_selector(self, selector):
+        return []
+
+    def open_input_stream(self, path):
+        return pa.BufferReader(self.data)
+
+    def open_input_file(self, path):
+        return pa.BufferReader(self.data)
+
+    def _read_only(self, *args):
+        raise OSError("read-only: a verified checkpoint")
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
+    delete_file = move = copy_file = open_output_stream = open_append_stream = _read_only

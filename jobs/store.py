@@ -287,7 +287,8 @@ class Store:
         elif info.type == pafs.FileType.File:
             self._call(self.fs.delete_file, self.path(rel))
 
-    def sweep_temporaries(self, rel: str = "artifacts", *, older_than_s: float = LOCK_EXPIRY_S) -> int:
+    def sweep_temporaries(self, rel: str = "artifacts", *,
+                          older_than_s: float = LOCK_EXPIRY_S) -> int:
         """Delete temporaries of killed writers under ``rel`` (local stores only).
 
         A temporary is a killed writer's only when nothing in it changed for ``older_than_s``:
@@ -300,9 +301,13 @@ class Store:
         for dirpath, dirnames, filenames in os.walk(self.path(rel)):
             for name in [n for n in dirnames + filenames if n.startswith(TEMP_PREFIX)]:
                 full = os.path.join(dirpath, name)
-                if _newest_mtime(full) < cutoff:
-                    shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
-                    count += 1
+                if _newest_mtime(full) >= cutoff:
+                    continue
+                if os.path.isdir(full):
+                    shutil.rmtree(full, ignore_errors=True)
+                else:
+                    os.remove(full)
+                count += 1
             dirnames[:] = [d for d in dirnames if not d.startswith(TEMP_PREFIX)]
         return count
 

@@ -220,7 +220,7 @@ def test_the_sweep_spares_a_live_writers_temporaries(ray_local, tmp_path):
     assert (live / "model.pt").exists() and not dead.exists()
 
 
-# -- items 15, 16, 17: honest rows ------------------------------------------------------------------
+# -- items 15, 16, 17: honest rows --------------------------------------------------------------
 def test_fp16_outputs_that_overflow_fail_the_row_named(ray_local, tmp_path):
     zoo = make_zoo(tmp_path / "zoo", {"hot": {"factory": F + ":Overflows", "model": fm.Overflows(),
                                               "precisions": "[fp16]"}})
@@ -255,7 +255,7 @@ def test_attempts_count_the_attempts_that_ran(ray_local, tmp_path):
     assert rows_by_key(out)[("a", "fp16")]["attempts"] == 1
 
 
-# -- the no-op refresh ------------------------------------------------------------------------------
+# -- the no-op refresh --------------------------------------------------------------------------
 PROBE = ("import atexit, json, sys\n"
          "atexit.register(lambda: print('HEAVY=' + json.dumps(sorted({m.split('.')[0] for m in "
          "sys.modules if m.split('.')[0] in ('torch', 'ray')})), file=sys.stderr))\n"

@@ -191,7 +191,8 @@ def test_a_failed_attempt_keeps_the_last_good_artifact_and_its_own_key():
 
 # -- sources ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("uri, child", [
-    ("s3://b/calib/?endpoint_override=h:9000&scheme=http", "s3://b/calib/x.arrow?endpoint_override=h:9000&scheme=http"),
+    ("s3://b/calib/?endpoint_override=h:9000&scheme=http",
+     "s3://b/calib/x.arrow?endpoint_override=h:9000&scheme=http"),
     ("s3://key:secret@b/calib", "s3://key:secret@b/calib/x.arrow"),
     ("/data/calib/", "/data/calib/x.arrow")])
 def test_child_uris_keep_the_query_last(uri, child):
