@@ -158,7 +158,8 @@ def scaling(zoo: str, work: str, figures: dict) -> dict:
         p = costmodel.predict(jobs, fixed, contention if c > 1 else 1.0, c)
         out[f"model_wall_{c}_cores_s"] = p["wall_s"]
         out[f"model_balance_{c}_cores"] = p["balance"]
-    out["model_error_here"] = out[f"model_wall_{cores}_cores_s"] / figures["quantize_all_wall_s"] - 1
+    here = out[f"model_wall_{cores}_cores_s"]
+    out["model_error_here"] = here / figures["quantize_all_wall_s"] - 1
     wall16 = out["model_wall_16_cores_s"]
     loop16 = bare_s / LOOP_THREAD_GAIN_16 + (figures["baseline_wall_s"] - bare_s)
     out["predicted_ratio_16_cores_vs_loop_here"] = figures["baseline_wall_s"] / wall16
