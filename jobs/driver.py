@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from jobs import fanout, layout
@@ -150,12 +150,14 @@ class _Run:
         self.store.sweep_temporaries()
         self.manifest = Manifest.load(self.store)
         hasher = SourceHasher(self.store)
-        with ThreadPoolExecutor(1) as pool:   # hash while Ray starts (both mostly wait)
+        # Hash, and learn the workers' facts, while Ray starts: all three mostly wait.
+        with ThreadPoolExecutor(2) as pool:
             hashed = pool.submit(_hash_all, self.zoo, hasher)
+            facts = self._local_facts(pool)
             if joins_cluster(self.opts.address) or self._work_likely():
                 self._start_ray()
             hashed.result()
-        facts = self._facts()
+            facts = fanout.worker_facts() if self.result.ray_mode == "joined" else facts.result()
         units = make_plan(self.zoo, self.manifest, self.store, hasher, facts,
                           force=self.opts.force, search=self.search)
         hasher.save()
@@ -177,21 +179,23 @@ class _Run:
             zoo_dir = os.path.dirname(os.path.abspath(self.zoo.path))
             self.result.ray_mode = fanout.connect(self.opts.address, self.opts.num_cpus, zoo_dir)
 
-    def _facts(self) -> dict:
-        """The workers' facts: asked of a joined cluster; on this machine, as they last
-        reported them (``jobs.keys``), else asked of a worker or computed here."""
-        if self.result.ray_mode == "joined":
-            return fanout.worker_facts()
+    def _local_facts(self, pool: ThreadPoolExecutor) -> Future:
+        """The facts of this machine's workers (``jobs.keys``): as they last reported them, else
+        computed here (a local Ray's workers run this interpreter; importing torch for it
+        overlaps Ray's start). A joined cluster is asked instead (``fanout.worker_facts``)."""
         env = local_environment(self.search)
-        facts = self.facts_cache.get(env)
-        if facts is None:
-            if self.result.ray_mode:
-                facts = fanout.worker_facts()
-            else:
-                from jobs.convert import worker_facts      # imports torch: a new environment
+        cached = self.facts_cache.get(env)
+        if cached is not None or joins_cluster(self.opts.address):
+            done: Future = Future()
+            done.set_result(cached)
+            return done
+        return pool.submit(self._computed_facts, env)
 
-                facts = worker_facts()
-            self.facts_cache.put(env, facts)
+    def _computed_facts(self, env: str) -> dict:
+        from jobs.convert import worker_facts      # imports torch: a new environment
+
+        facts = worker_facts()
+        self.facts_cache.put(env, facts)
         return facts
 
     def _settle(self, units: list[Unit]) -> list[Unit]:

@@ -8,7 +8,10 @@ import ``a`` and ``a.b`` (for ``torchvision.models`` that is torch itself, secon
 run in the driver), so the module is located by walking the search path the workers use (the
 current folder, the zoo's folder, ``PYTHONPATH``, then ``sys.path``); only a top-level name not
 found there is asked of the import system's finders (``find_spec`` of a top-level name imports
-nothing; it covers editable installs). Must not import ray, click or torch.
+nothing; it covers editable installs). Only the module's own file is hashed, not what it imports:
+a model spread over several files of a package is covered by the package's version when it is
+installed, and otherwise needs ``--force`` after an edit of another file. Must not import ray,
+click or torch.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def factory_code(factory: str, path: tuple[str, ...]) -> FactoryCode:
     module = factory.partition(":")[0]
     file = locate_module(module, path)
     return FactoryCode(file, _file_sha256(file) if file else None,
-                       _package_version(module.split(".")[0]))
+                       _package_version(module.split(".")[0], file))
 
 
 def package_sha256(package: str, path: tuple[str, ...]) -> str | None:
@@ -229,11 +232,20 @@ def _file_sha256(file: str) -> str:
 
 @lru_cache(maxsize=1)
 def _distributions() -> dict[str, list[str]]:
-    return metadata.packages_distributions()
+    return metadata.packages_distributions()      # reads every installed dist's metadata
 
 
 @lru_cache(maxsize=None)
-def _package_version(top: str) -> str | None:
+def _package_version(top: str, file: str | None) -> str | None:
+    """``dist==version`` of the installed package ``top``, or None for code outside any
+    installed distribution (its file's hash covers it). Cheap cases first: a distribution named
+    like the package; only a file inside site-packages needs the full scan."""
+    try:
+        return f"{top}=={metadata.version(top)}"
+    except metadata.PackageNotFoundError:
+        pass
+    if not file or not any(p in ("site-packages", "dist-packages") for p in file.split(os.sep)):
+        return None
     for dist in _distributions().get(top, ()):
         try:
             return f"{dist}=={metadata.version(dist)}"
