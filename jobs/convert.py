@@ -126,7 +126,7 @@ def _convert_all(job, todo, table, where: _Where, t0: float) -> list[dict]:
 
 def _row(job: ConversionJob, pj: PrecisionJob, key: str, where: _Where) -> dict:
     facts = where.facts
-    note = None if key == pj.planned_key else (
+    note = None if pj.planned_key in (None, key) else (
         f"keyed on this worker's torch {facts['torch']} / quantizer {facts['quantizer']}, "
         f"not the facts the driver planned with (key {pj.planned_key})")
     return blank_row(

@@ -157,7 +157,9 @@ class _Run:
             if joins_cluster(self.opts.address) or self._work_likely():
                 self._start_ray()
             hashed.result()
-            facts = fanout.worker_facts() if self.result.ray_mode == "joined" else facts.result()
+            facts = facts.result()
+            if self.result.ray_mode == "joined" and not self._new_dest():
+                facts = fanout.worker_facts()
         units = make_plan(self.zoo, self.manifest, self.store, hasher, facts,
                           force=self.opts.force, search=self.search)
         hasher.save()
@@ -185,11 +187,15 @@ class _Run:
         overlaps Ray's start). A joined cluster is asked instead (``fanout.worker_facts``)."""
         env = local_environment(self.search)
         cached = self.facts_cache.get(env)
-        if cached is not None or joins_cluster(self.opts.address):
+        if cached is not None or joins_cluster(self.opts.address) or self._new_dest():
             done: Future = Future()
             done.set_result(cached)
             return done
         return pool.submit(self._computed_facts, env)
+
+    def _new_dest(self) -> bool:
+        """Nothing in DEST to compare keys with: the workers complete them, no facts needed."""
+        return not self.manifest.rows and not self.store.exists("artifacts")
 
     def _computed_facts(self, env: str) -> dict:
         from jobs.convert import worker_facts      # imports torch: a new environment
@@ -209,7 +215,7 @@ class _Run:
                 self._record([failed_row(unit.spec, unit.precision, self.result.run_id,
                                          *unit.error, attempts=0, source=unit.source)],
                              {(unit.spec.name, unit.precision): unit.reason})
-            elif not self.opts.force and (record := intact_record(
+            elif not self.opts.force and unit.key and (record := intact_record(
                     self.store, unit.spec.name, unit.precision, unit.key)):
                 self.manifest.record(record)
                 reason = f"finished by run {record.get('run_id')}, which was interrupted"

@@ -38,7 +38,7 @@ class Unit:
     action: str                    # "convert" | "skip" | "fail"
     reason: str
     inputs: str | None = None      # the driver's part of the key; None when a hash is missing
-    key: str | None = None         # inputs + the workers' predicted facts
+    key: str | None = None         # inputs + the workers' predicted facts (None: not predicted)
     source: Source | None = None
     error: tuple[str, str] | None = None      # (error_type, message) of a "fail" unit
 
@@ -56,7 +56,7 @@ class Unit:
 class PrecisionJob:
     precision: str
     inputs: str                    # the driver's part of the key; the worker completes it
-    planned_key: str               # completed with the driver's prediction of the facts
+    planned_key: str | None        # completed with the driver's prediction of the facts
     replace: bool                  # --force: fresh files replace an intact artifact
 
 
@@ -82,12 +82,15 @@ class ConversionJob:
         return self.spec.observer if precision == "int8" else None
 
 
-def make_plan(zoo: Zoo, manifest: Manifest, store: Store, hasher: SourceHasher, facts: dict,
-              *, force: bool = False, search: tuple[str, ...] = ()) -> list[Unit]:
+def make_plan(zoo: Zoo, manifest: Manifest, store: Store, hasher: SourceHasher,
+              facts: dict | None, *, force: bool = False,
+              search: tuple[str, ...] = ()) -> list[Unit]:
     """Decide convert / skip / fail for every (model, precision) of the zoo.
 
     Args:
-        facts: the workers' predicted facts (``jobs.keys``): keys are completed with them.
+        facts: the workers' predicted facts (``jobs.keys``): keys are completed with them. None
+            when DEST holds nothing to compare with (a new DEST): every row is new, and the
+            workers complete the keys.
         search: where the factories' modules are looked for (``jobs.sources.search_path``).
     """
     units = []
@@ -99,9 +102,13 @@ def make_plan(zoo: Zoo, manifest: Manifest, store: Store, hasher: SourceHasher, 
                 units.append(Unit(spec, precision, "fail", error[1], source=source, error=error))
                 continue
             inputs = inputs_digest(spec, precision, source.sha256, calib, code)
+            row = manifest.get(spec.name, precision)
+            if facts is None and row is None:
+                units.append(Unit(spec, precision, "convert", "--force" if force else "new",
+                                  inputs, None, source))
+                continue
             key = content_key(inputs, precision, _backend(spec, precision), facts)
-            action, reason = decide(spec, precision, key, source, facts,
-                                    manifest.get(spec.name, precision), store, force)
+            action, reason = decide(spec, precision, key, source, facts, row, store, force)
             units.append(Unit(spec, precision, action, reason, inputs, key, source))
     return units
 

@@ -100,6 +100,14 @@ def test_new_rows_convert_with_complete_keys(tmp_path):
     assert units[0].backend is None and units[1].backend == "fbgemm"
 
 
+def test_a_new_dest_needs_no_worker_facts_the_workers_complete_the_keys(tmp_path):
+    zoo = load_zoo(_zoo(tmp_path))
+    store = Store(str(tmp_path / "out"))
+    units = make_plan(zoo, Manifest(), store, SourceHasher(store), None)
+    assert [(u.action, u.reason, u.key) for u in units] == [("convert", "new", None)] * 2
+    assert all(len(u.inputs) == 64 for u in units)
+
+
 def test_unreadable_checkpoint_fails_its_rows_without_a_key(tmp_path):
     _zoo(tmp_path)
     (tmp_path / "m.pt").unlink()
