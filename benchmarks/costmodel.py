@@ -3,10 +3,12 @@
 ``wall(c) = F + span(c)``: ``F`` is what happens outside the fan-out (interpreter and Ray
 start-up, planning, the last manifest and report, Ray's shutdown), ``span(c)`` the time from the
 first task's start to the last one's end on ``c`` CPUs. With one job per model scheduled longest
-first (what ``jobs.fanout`` does), ``span(c) = LPT(job seconds at 1 thread x contention(c), c)``:
+first, ``span(c) = LPT(job seconds at 1 thread x contention(c), c)``:
 the longest-processing-time-first makespan of the jobs, each slowed by ``contention(c)`` (tasks
 running side by side share memory bandwidth and caches; measured as task seconds at 2 CPUs over
-task seconds at 1 CPU). Pure arithmetic on measured figures; imports nothing of the product.
+task seconds at 1 CPU). With fewer than two models per CPU the driver makes one job per (model,
+precision) (``jobs.plan.split_by_precision``), each doing the model's load and reference itself.
+Pure arithmetic on measured figures; imports nothing of the product.
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ def lpt_makespan(durations: list[float], cpus: int) -> float:
     return max(free)
 
 
-def job_seconds(rows: list[dict]) -> list[float]:
-    """Seconds of each model's job: the sum of its rows' ``duration_s`` (a row carries its share
-    of the model's load and reference)."""
-    per: dict[str, float] = {}
+def job_seconds(rows: list[dict], *, per_precision: bool = False) -> list[float]:
+    """Seconds of each job, from the rows of a run with one job per model: a row's
+    ``duration_s`` carries its share of the model's load and reference (``shared_s``, from the
+    run record); a job per (model, precision) does all of that shared work itself."""
+    per: dict[str, list[dict]] = {}
     for row in rows:
         if row.get("duration_s"):
-            per[row["name"]] = per.get(row["name"], 0.0) + row["duration_s"]
-    return list(per.values())
+            per.setdefault(row["name"], []).append(row)
+    if not per_precision:
+        return [sum(r["duration_s"] for r in group) for group in per.values()]
+    return [r["duration_s"] + r.get("shared_s", 0.0) * (len(group) - 1) / len(group)
+            for group in per.values() for r in group]
 
 
 def predict(jobs_1cpu: list[float], fixed_s: float, contention: float, cpus: int) -> dict:

@@ -98,10 +98,10 @@ def _loop(zoo: str, out: str, *threads: str) -> harness.Timed:
 
 
 def _quantize_all(zoo: str, out: str, *extra: str) -> dict:
-    """One CLI run: its wall, and from its manifest the task seconds and the fan-out's span."""
+    """One CLI run: its wall, and from its run record the task seconds and the fan-out's span."""
     timed = harness.run_cli(zoo, out, *extra)
-    with open(os.path.join(out, "manifest.json")) as f:
-        rows = [r for r in json.load(f)["rows"] if r["run_id"] == timed.json()["run_id"]]
+    with open(os.path.join(out, "runs", f"{timed.json()['run_id']}.json")) as f:
+        rows = json.load(f)["rows"]
     failed = sum(r["status"] == "failed" for r in rows)
     if failed:
         raise RuntimeError(f"{failed} rows failed:\n{timed.stderr[-3000:]}")
@@ -150,14 +150,17 @@ def scaling(zoo: str, work: str, figures: dict) -> dict:
            "measure_overhead_ratio": one["task_s"] / bare_s}
     cores = os.cpu_count() or 1
     contention = figures["task_seconds_total"] / one["task_s"]
-    jobs = costmodel.job_seconds(one["rows"])
     fixed = figures["outside_span_s"]
     out.update(contention=contention, fixed_fitted_s=fixed,
-               longest_job_1cpu_s=max(jobs), jobs=len(jobs))
+               longest_job_1cpu_s=max(costmodel.job_seconds(one["rows"])))
+    models = len({r["name"] for r in one["rows"]})
     for c in (cores, 4, 8, 16):
+        split = models < 2 * c                  # jobs.plan.split_by_precision
+        jobs = costmodel.job_seconds(one["rows"], per_precision=split)
         p = costmodel.predict(jobs, fixed, contention if c > 1 else 1.0, c)
         out[f"model_wall_{c}_cores_s"] = p["wall_s"]
         out[f"model_balance_{c}_cores"] = p["balance"]
+        out[f"model_jobs_{c}_cores"] = len(jobs)
     here = out[f"model_wall_{cores}_cores_s"]
     out["model_error_here"] = here / figures["quantize_all_wall_s"] - 1
     wall16 = out["model_wall_16_cores_s"]

@@ -119,6 +119,7 @@ def _convert_all(job, todo, table, where: _Where, t0: float) -> list[dict]:
             _reraise_transient(e)
             error = e
         rows.append(_finish(row, error=error, seconds=shared + time.perf_counter() - t1))
+        rows[-1]["shared_s"] = round(shared * len(todo), 3)    # load + reference, for the job
         if error is None:
             where.store.write_json(layout.record_path(job.name, pj.precision, key), rows[-1])
     return rows

@@ -26,7 +26,7 @@ from jobs.fanout import RayUnavailableError  # noqa: F401  (re-exported for the 
 from jobs.keys import FactsCache, local_environment
 from jobs.lock import StoreLock
 from jobs.manifest import Manifest, blank_row, now_iso
-from jobs.plan import ConversionJob, Unit, conversion_jobs, make_plan
+from jobs.plan import Unit, conversion_jobs, make_plan, split_by_precision
 from jobs.progress import Progress
 from jobs.publish import intact_record
 from jobs.sources import SourceHasher, search_path
@@ -164,10 +164,8 @@ class _Run:
                           force=self.opts.force, search=self.search)
         hasher.save()
         todo = self._settle(units)
-        jobs = conversion_jobs(todo, self.manifest, self.store.uri, self.result.run_id,
-                               force=self.opts.force)
-        if jobs:
-            self._fan_out(jobs, {(u.spec.name, u.precision): u.reason for u in todo})
+        if todo:
+            self._fan_out(todo)
         self.manifest.mark_retired({m.name for m in self.zoo.models})
 
     def _work_likely(self) -> bool:
@@ -224,9 +222,14 @@ class _Run:
                 todo.append(unit)
         return todo
 
-    def _fan_out(self, jobs: list[ConversionJob], reasons: dict) -> None:
+    def _fan_out(self, todo: list[Unit]) -> None:
         self._start_ray()
-        self.progress = self.progress or Progress(sum(len(j.precisions) for j in jobs))
+        models = len({u.spec.name for u in todo})
+        jobs = conversion_jobs(todo, self.manifest, self.store.uri, self.result.run_id,
+                               force=self.opts.force,
+                               per_precision=split_by_precision(models, fanout.cluster_cpus()))
+        reasons = {(u.spec.name, u.precision): u.reason for u in todo}
+        self.progress = self.progress or Progress(len(todo))
         local_env = None if self.result.ray_mode == "joined" else local_environment(self.search)
         pool = fanout.Fanout(jobs, self.store, max_retries=self.opts.max_retries)
         try:

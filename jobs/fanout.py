@@ -100,6 +100,13 @@ def worker_facts() -> dict:
     return ray.get(facts_task.remote())
 
 
+def cluster_cpus() -> int:
+    """CPUs of the connected cluster."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def shutdown() -> None:
     import ray
 
@@ -125,7 +132,7 @@ class Fanout:
 
         self.jobs, self.store, self.max_retries = list(jobs), store, max_retries
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        self.total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.total_cpus = cluster_cpus()
         self.cap = max(1, min(MAX_TASK_CPUS, max((int(r.get("CPU", 1)) for r in nodes),
                                                  default=1)))
         self.largest_memory = max((r.get("memory", 0) for r in nodes), default=0)
@@ -188,7 +195,7 @@ class Fanout:
             kind, msg = type(cause).__name__, str(cause)
         except ray.exceptions.RayError as e:
             kind, msg = type(e).__name__, str(e)
-        return Done(job, error=(kind, msg, attempts_so_far(self.store, job.run_id, job.name)))
+        return Done(job, error=(kind, msg, attempts_so_far(self.store, job)))
 
 
 def _gpu_share(resources: dict) -> float:

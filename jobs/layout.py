@@ -1,7 +1,7 @@
 """Where everything lives inside DEST: the one home of the output store's layout.
 
 ``artifacts/NAME/PRECISION/KEY/`` holds one conversion's files and ``artifacts/NAME/PRECISION/
-KEY.json`` its completion record; ``.attempts/RUN_ID/NAME`` counts one run's task attempts;
+KEY.json`` its completion record; ``.attempts/RUN_ID/JOB`` counts one run's task attempts;
 ``.cache/`` keeps what makes a refresh cheap (checkpoint hashes, the workers' facts);
 ``runs/RUN_ID.json`` is each run's history. Paths are relative to DEST (``jobs.store.Store``
 turns them into URIs). Must not import ray, click or torch.
@@ -35,9 +35,9 @@ def attempts_dir(run_id: str) -> str:
     return f".attempts/{run_id}"
 
 
-def attempts_path(run_id: str, name: str) -> str:
-    """How many times this run started the task of model ``name``."""
-    return f"{attempts_dir(run_id)}/{name}"
+def attempts_path(run_id: str, job: str) -> str:
+    """How many times this run started the task of ``job`` (a model, or model.precision)."""
+    return f"{attempts_dir(run_id)}/{job}"
 
 
 def run_record(run_id: str) -> str:

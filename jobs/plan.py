@@ -75,6 +75,13 @@ class ConversionJob:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def label(self) -> str:
+        """Names this job among the run's: the model, or the model and its only precision."""
+        if len(self.precisions) == len(self.spec.precisions):
+            return self.spec.name
+        return ".".join([self.spec.name, *(p.precision for p in self.precisions)])
+
     def backend_for(self, precision: str) -> str | None:
         return self.spec.backend if precision == "int8" else None
 
@@ -180,12 +187,18 @@ def estimate_s(spec: ModelSpec, precisions: list[str], source: Source,
 
 
 def conversion_jobs(units: list[Unit], manifest: Manifest, store_uri: str, run_id: str,
-                    *, force: bool = False) -> list[ConversionJob]:
-    """One job per model with rows to convert, longest expected first."""
-    by_model: dict[str, list[Unit]] = {}
+                    *, force: bool = False, per_precision: bool = False) -> list[ConversionJob]:
+    """One job per model with rows to convert, longest expected first.
+
+    ``per_precision``: one job per (model, precision) instead, for when there are more CPUs than
+    jobs to keep them busy (``split_by_precision``): each job then loads the model and
+    computes the reference itself, but the longest job, which bounds the run, is shorter.
+    """
+    by_model: dict[tuple, list[Unit]] = {}
     for unit in units:
         if unit.action == "convert":
-            by_model.setdefault(unit.spec.name, []).append(unit)
+            group = (unit.spec.name, unit.precision if per_precision else None)
+            by_model.setdefault(group, []).append(unit)
     jobs = []
     for todo in by_model.values():
         spec, source = todo[0].spec, todo[0].source
@@ -193,3 +206,9 @@ def conversion_jobs(units: list[Unit], manifest: Manifest, store_uri: str, run_i
         jobs.append(ConversionJob(spec, source, precisions, store_uri, run_id,
                                   estimate_s(spec, [u.precision for u in todo], source, manifest)))
     return sorted(jobs, key=lambda j: -j.estimate_s)
+
+
+def split_by_precision(models: int, cpus: int) -> bool:
+    """Fewer than two models per CPU: one job per model would leave CPUs idle while the longest
+    models finish; jobs per (model, precision) are about half as long."""
+    return models < 2 * cpus

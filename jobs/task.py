@@ -65,7 +65,7 @@ def _assigned_cpus() -> int:
 def count_attempt(store: Store, job: ConversionJob) -> int:
     """This run's attempts at ``job`` so far, this one included (kept in the store, so a retry
     on another node counts too)."""
-    rel = layout.attempts_path(job.run_id, job.name)
+    rel = layout.attempts_path(job.run_id, job.label)
     try:
         n = int((store.read_bytes(rel) or b"0").decode()) + 1
         store.write_bytes(rel, str(n).encode())
@@ -74,9 +74,9 @@ def count_attempt(store: Store, job: ConversionJob) -> int:
     return n
 
 
-def attempts_so_far(store: Store, run_id: str, name: str) -> int:
-    """How many attempts at model ``name`` this run started (0: none started)."""
+def attempts_so_far(store: Store, job: ConversionJob) -> int:
+    """How many attempts at ``job`` this run started (0: none started)."""
     try:
-        return int((store.read_bytes(layout.attempts_path(run_id, name)) or b"0").decode())
+        return int((store.read_bytes(layout.attempts_path(job.run_id, job.label)) or b"0").decode())
     except (StoreError, ValueError, OSError):
         return 0

@@ -177,6 +177,26 @@ def test_jobs_group_a_models_rows_and_run_longest_first():
     assert jobs[2].backend_for("fp16") is None and jobs[2].backend_for("int8") == "fbgemm"
 
 
+def jobs_label(units) -> str:
+    return conversion_jobs(units, Manifest(), "/out", "r")[0].label
+
+
+def test_with_cpus_to_spare_each_precision_is_its_own_job():
+    from jobs.plan import Unit, split_by_precision
+
+    units = [Unit(replace(SPEC, name=n), p, "convert", "new", "i" * 64, None,
+                  Source(f"/{n}.pt", "s" * 64, 2**20))
+             for n in ("a", "b") for p in ("fp16", "int8")]
+    assert len(conversion_jobs(units, Manifest(), "/out", "r")) == 2
+    split = conversion_jobs(units, Manifest(), "/out", "r", per_precision=True)
+    assert sorted((j.name, [p.precision for p in j.precisions]) for j in split) == [
+        ("a", ["fp16"]), ("a", ["int8"]), ("b", ["fp16"]), ("b", ["int8"])]
+    assert split[0].precisions[0].precision == "int8"        # the longer half first
+    assert [j.label for j in split[:2]] == ["a.int8", "b.int8"] and jobs_label(units) == "a"
+    assert (split_by_precision(16, 2), split_by_precision(16, 8), split_by_precision(16, 16)) == (
+        False, False, True)
+
+
 @pytest.mark.parametrize("free, waiting, cap, expected", [
     (2, 16, 8, 1), (2, 2, 8, 1), (2, 1, 8, 2), (16, 4, 8, 4), (16, 1, 8, 8), (16, 16, 8, 1),
     (5, 2, 8, 2), (1, 0, 8, 1)])
