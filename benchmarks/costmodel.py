@@ -6,7 +6,7 @@ first task's start to the last one's end on ``c`` CPUs. With one job per model s
 first, ``span(c) = LPT(job seconds at 1 thread x contention(c), c)``:
 the longest-processing-time-first makespan of the jobs, each slowed by ``contention(c)`` (tasks
 running side by side share memory bandwidth and caches; measured as task seconds at 2 CPUs over
-task seconds at 1 CPU). With fewer than two models per CPU the driver makes one job per (model,
+task seconds at 1 CPU). With fewer models than CPUs the driver makes one job per (model,
 precision) (``jobs.plan.split_by_precision``), each doing the model's load and reference itself.
 Pure arithmetic on measured figures; imports nothing of the product.
 """

@@ -160,7 +160,7 @@ def scaling(zoo: str, work: str, figures: dict) -> dict:
                longest_job_1cpu_s=max(costmodel.job_seconds(one["rows"])))
     models = len({r["name"] for r in one["rows"]})
     for c in (cores, 4, 8, 16):
-        split = models < 2 * c                  # jobs.plan.split_by_precision
+        split = models < c                      # jobs.plan.split_by_precision
         jobs = costmodel.job_seconds(one["rows"], per_precision=split)
         p = costmodel.predict(jobs, fixed, contention if c > 1 else 1.0, c)
         out[f"model_wall_{c}_cores_s"] = p["wall_s"]

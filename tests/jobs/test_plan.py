@@ -193,8 +193,8 @@ def test_with_cpus_to_spare_each_precision_is_its_own_job():
         ("a", ["fp16"]), ("a", ["int8"]), ("b", ["fp16"]), ("b", ["int8"])]
     assert split[0].precisions[0].precision == "int8"        # the longer half first
     assert [j.label for j in split[:2]] == ["a.int8", "b.int8"] and jobs_label(units) == "a"
-    assert (split_by_precision(16, 2), split_by_precision(16, 8), split_by_precision(16, 16)) == (
-        False, False, True)
+    assert [split_by_precision(16, c) for c in (2, 8, 16, 17, 32)] == [
+        False, False, False, True, True]
 
 
 @pytest.mark.parametrize("free, waiting, cap, expected", [
