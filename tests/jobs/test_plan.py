@@ -248,3 +248,11 @@ def test_an_installed_factory_is_found_with_its_package_version_and_torch_stays_
                          env=dict(os.environ, PYTHONPATH=str(REPO)), check=True).stdout.split()
     assert out[0].endswith(os.path.join("torch", "nn", "modules", "linear.py"))
     assert out[1].startswith("torch==") and out[2] == "64" and out[3] == "False"
+
+
+def test_planning_and_the_driver_import_neither_torch_nor_ray():
+    code = ("import sys, jobs.driver, jobs.plan, jobs.keys, jobs.sources, jobs.publish, "
+            "jobs.layout; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), check=True).stdout
+    assert out.strip() == "[]"
