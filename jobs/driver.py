@@ -166,7 +166,8 @@ class _Run:
         todo = self._settle(units)
         if todo:
             self._fan_out(todo)
-        self.manifest.mark_retired({m.name for m in self.zoo.models})
+        # retirement is decided from the whole file, not the --only selection
+        self.manifest.mark_retired(set(self.zoo.all_names or (m.name for m in self.zoo.models)))
 
     def _work_likely(self) -> bool:
         """A row never converted (or --force): Ray is needed whatever the hashes say."""

@@ -70,6 +70,7 @@ class ModelSpec:
 class Zoo:
     path: str                           # the zoo file, as given
     models: tuple[ModelSpec, ...]
+    all_names: tuple[str, ...] = ()     # every model name in the file, whatever --only kept
 
 
 # ---- walking the file -----------------------------------------------------------------------------
@@ -275,4 +276,5 @@ def load_zoo(path: str | os.PathLike, *, precisions: Sequence[str] | None = None
     base_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
     models = tuple(_build(m, base_dir, precisions, backend, calibration_batches)
                    for _, m in selected)
-    return Zoo(path=str(path), models=models)
+    all_names = tuple(e["name"] for _, e in entries if isinstance(e.get("name"), str))
+    return Zoo(path=str(path), models=models, all_names=all_names)

@@ -255,6 +255,17 @@ def test_attempts_count_the_attempts_that_ran(ray_local, tmp_path):
     assert rows_by_key(out)[("a", "fp16")]["attempts"] == 1
 
 
+# -- item 4 (the driver's side): retirement is decided from the whole file ----------------------
+def test_only_does_not_retire_the_models_it_leaves_out(ray_local, tmp_path):
+    zoo = make_zoo(tmp_path / "zoo", {"a": {"precisions": "[fp16]"},
+                                      "b": {"precisions": "[fp16]"}})
+    out = tmp_path / "out"
+    assert cli(zoo, "--out", out)[0] == 0
+    assert cli(zoo, "--out", out, "--only", "b", "--force")[0] == 0
+    assert {k: r["retired"] for k, r in rows_by_key(out).items()} == {
+        ("a", "fp16"): False, ("b", "fp16"): False}
+
+
 # -- the no-op refresh --------------------------------------------------------------------------
 PROBE = ("import atexit, json, sys\n"
          "atexit.register(lambda: print('HEAVY=' + json.dumps(sorted({m.split('.')[0] for m in "
