@@ -212,6 +212,6 @@ def conversion_jobs(units: list[Unit], manifest: Manifest, store_uri: str, run_i
 def split_by_precision(models: int, cpus: int) -> bool:
     """Fewer models than CPUs: one job per model would leave CPUs idle while the longest models
     finish, so each precision gets its own job. They are shorter (the longest of the benchmark
-    zoo: 3.2 s against 4.2 s at one thread) but each loads the model and computes the reference
-    again (+19% CPU there), which only pays with CPUs to spare (docs/performance.md)."""
+    zoo: 2.9 s against 3.8 s at one thread) but each loads the model and computes the reference
+    again (+18% CPU there), which only pays with CPUs to spare (docs/performance.md)."""
     return models < cpus
