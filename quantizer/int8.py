@@ -340,9 +340,7 @@ def to_int8(
             f"calibrated {type(model).__name__} on {prepared.calibration_batches_used} of "
             f"{calibration_batches} requested batches: the loader ran out; supply more "
             "calibration data for steadier scales"), stacklevel=2)
-    converted = convert_int8(prepared, float_layers, model_name=type(model).__name__)
-    _check_scales(converted, type(model).__name__)
-    return converted
+    return convert_int8(prepared, float_layers, model_name=type(model).__name__)
 
 
 # ------------------------------------------------------------- layers kept in float (static)
@@ -500,6 +498,8 @@ def convert_int8(prepared: torch.fx.GraphModule, float_layers: Collection[str] =
                        and n.op in ("call_module", "call_function", "call_method")}
     set_engine(prepared.backend)
     converted = _convert(prepared, float_nodes)
+    if prepared.calibration_batches_used:
+        _check_scales(converted, model_name)
     settings = {"recipe": "static", "backend": prepared.backend, "observer": prepared.observer,
                 "float_layers": [name for name in units if name in set(float_layers)]}
     return _labelled(converted, prepared.calibration_batches_used, settings)
@@ -582,7 +582,7 @@ class Int8Simulator:
 
     def __init__(self, prepared: torch.fx.GraphModule):
         graph = copy.deepcopy(prepared)
-        self.graph, self.units = graph, _units(graph)
+        self.graph, self.units, self.params = graph, _units(graph), fallback_units(graph)
         self._quantizable = {name for name, qconfig in
                              graph.meta["_observed_graph_module_attrs"].node_name_to_qconfig.items()
                              if qconfig is not None}
@@ -654,6 +654,16 @@ class _TensorStateRNN:
             missing_keys.extend(missing)
             return
         self.set_weight_bias({n: state_dict[prefix + n] for n in names})
+
+    def set_weight_bias(self, weight_bias_dict):
+        super().set_weight_bias(weight_bias_dict)
+        self.unregister_packed()
+
+    def unregister_packed(self):
+        # a plain list, not child modules: state_dict and load_state_dict must not walk into them
+        packed = list(self._all_weight_values)
+        del self._modules["_all_weight_values"]
+        self._all_weight_values = packed
 
 
 class _DynamicLSTM(_TensorStateRNN, nnqd.LSTM):
@@ -758,9 +768,10 @@ def to_int8_dynamic(model: nn.Module, backend: str = "fbgemm", *,
     spec = _dynamic_spec(work, set(float_layers))
     with _quiet_ao():
         quantize_dynamic(work, spec, inplace=True)
-    for module in work.modules():
+    for module in list(work.modules()):
         if type(module) in _TENSOR_STATE:
             module.__class__ = _TENSOR_STATE[type(module)]
+            module.unregister_packed()
     settings = {"recipe": "dynamic", "backend": backend, "observer": None,
                 "float_layers": [name for name in units if name in set(float_layers)]}
     return _labelled(work, 0, settings)

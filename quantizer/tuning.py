@@ -1,0 +1,471 @@
+"""Accuracy-gated int8: the int8 model with the fewest layers in float that meets a gate.
+
+``tune_int8`` converts once; if the result misses the gate (``Gate``: ``min_sqnr_db`` and/or
+``max_top1_drop``), it measures every unit's sensitivity (``quantizer.sensitivity``, split in
+chunks that a caller may run in parallel through ``map_chunks``), keeps the most costly units in
+float, fewest first (a prefix of the ranking found by galloping and bisection, each candidate
+confirmed by a real conversion), then tries dropping each kept unit again. The ``static``
+recipe calibrates once for all of it; ``dynamic`` needs no calibration; ``auto`` tunes both and
+keeps the smallest artifact that passes (the fastest when ``min_speedup`` is set). A time budget
+bounds the work; the result records the trials, the time and the sensitivity ranking, and when
+nothing passes, ``GateNotMetError`` names the best model found. Semantics in docs/tuning.md.
+Must not import torch.ao, ray, click or ``jobs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantizer import int8, sensitivity
+from quantizer.errors import ConfigError, GateNotMetError, TraceError
+from quantizer.fidelity import flatten_outputs, measure_latency_ms, sqnr_db, top1_agreement
+from quantizer.sensitivity import LayerSensitivity, SensitivityTask
+
+RECIPE_CHOICES = ("static", "dynamic", "auto")
+DEFAULT_BUDGET_S = 120.0
+
+MapChunks = Callable[[list[SensitivityTask]], Iterable[Sequence[LayerSensitivity]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """What an int8 model must meet on the held-out rows.
+
+    Attributes:
+        min_sqnr_db: SQNR floor over all outputs (``quantizer.sqnr_db``).
+        max_top1_drop: with labels, ``accuracy(fp32) - accuracy(int8)``; without, the share of
+            rows whose int8 argmax differs from fp32's (``1 - top1_agreement``). Measured on
+            the class-score output only.
+        top1_output: index of that output in ``flatten_outputs`` order; ``None``: the model's
+            only output, which must be ``[B, C]``.
+    """
+
+    min_sqnr_db: float | None = None
+    max_top1_drop: float | None = None
+    top1_output: int | None = None
+
+    def __post_init__(self):
+        if self.max_top1_drop is not None and not 0.0 <= self.max_top1_drop <= 1.0:
+            raise ConfigError(f"max_top1_drop must be within [0, 1], got {self.max_top1_drop!r}")
+        if self.min_sqnr_db is not None and not math.isfinite(self.min_sqnr_db):
+            raise ConfigError(f"min_sqnr_db must be a finite number, got {self.min_sqnr_db!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.min_sqnr_db is not None or self.max_top1_drop is not None
+
+    def describe(self) -> str:
+        parts = [f"min_sqnr_db {self.min_sqnr_db:g}" if self.min_sqnr_db is not None else "",
+                 f"max_top1_drop {self.max_top1_drop:g}" if self.max_top1_drop is not None else ""]
+        return " and ".join(p for p in parts if p) or "no gate"
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """How to search (the zoo's ``recipe`` and ``tuning: {...}``).
+
+    Attributes:
+        recipe: ``static``, ``dynamic`` or ``auto``.
+        budget_s: no sensitivity unit or trial starts after this many seconds (the first
+            conversion always completes).
+        chunks: sensitivity chunks handed to ``map_chunks`` at once.
+        method: static sensitivity by ``simulate`` (fake quantization) or ``convert``.
+        min_quantized_fraction: a candidate keeping more parameters in float is not admissible.
+        min_speedup: ``auto`` keeps only candidates at least this much faster than fp32, and
+            then the fastest.
+    """
+
+    recipe: str = "static"
+    budget_s: float = DEFAULT_BUDGET_S
+    chunks: int = 1
+    method: str = "simulate"
+    min_quantized_fraction: float = 0.5
+    min_speedup: float | None = None
+
+    def __post_init__(self):
+        if self.recipe not in RECIPE_CHOICES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}; choose one of "
+                              f"{', '.join(RECIPE_CHOICES)}")
+        if not (isinstance(self.budget_s, (int, float)) and self.budget_s > 0):
+            raise ConfigError(f"tuning budget_s must be a number > 0, got {self.budget_s!r}")
+        if self.method not in sensitivity.METHODS:
+            raise ConfigError(f"unknown sensitivity method {self.method!r}; choose one of "
+                              f"{', '.join(sensitivity.METHODS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One real conversion, measured."""
+
+    recipe: str
+    float_layers: tuple[str, ...]
+    sqnr_db: float
+    top1_drop: float | None
+    quantized_fraction: float
+    state_bytes: int
+    met: bool
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"recipe": self.recipe, "float_layers": list(self.float_layers),
+                "sqnr_db": min(300.0, self.sqnr_db) if not math.isnan(self.sqnr_db) else None,
+                "top1_drop": self.top1_drop, "quantized_fraction": round(self.quantized_fraction, 6),
+                "state_bytes": self.state_bytes, "met": self.met, "seconds": round(self.seconds, 3)}
+
+
+@dataclasses.dataclass
+class TuningResult:
+    """The chosen int8 model and how it was found."""
+
+    model: nn.Module
+    chosen: Trial
+    trials: list[Trial]
+    tuning_s: float
+    reason: str
+    sensitivity: dict[str, list[LayerSensitivity]]
+
+    @property
+    def settings(self) -> dict:
+        return int8.int8_settings(self.model)
+
+    def manifest_fields(self) -> dict:
+        """The row fields (JSON-safe): recipe, float_layers, tuning_trials, tuning_s, ..."""
+        top = [[item.name, item.to_json()["sqnr_db"]] for item in
+               sensitivity.ranked(self.sensitivity.get(self.chosen.recipe, []))[:5]]
+        return {"recipe": self.chosen.recipe, "float_layers": list(self.chosen.float_layers),
+                "tuning_trials": len(self.trials), "tuning_s": round(self.tuning_s, 3),
+                "recipe_reason": self.reason, "top1_drop": self.chosen.top1_drop,
+                "sensitivity_top": top}
+
+    def sensitivity_json(self) -> dict:
+        """Every measured unit per recipe, in model order (a file beside the artifact)."""
+        return {recipe: [item.to_json() for item in items]
+                for recipe, items in self.sensitivity.items()}
+
+
+def _class_scores(outputs: Any, gate: Gate) -> torch.Tensor:
+    tensors = flatten_outputs(outputs)
+    if gate.top1_output is None:
+        if len(tensors) != 1 or tensors[0].dim() != 2:
+            raise ConfigError("max_top1_drop needs a class-score output: the model has "
+                              f"{len(tensors)} output tensor(s); name one with fidelity.output")
+        return tensors[0]
+    if not 0 <= gate.top1_output < len(tensors):
+        raise ConfigError(f"fidelity output {gate.top1_output} does not exist: the model has "
+                          f"{len(tensors)} output tensor(s)")
+    return tensors[gate.top1_output]
+
+
+def top1_drop(reference: Any, outputs: Any, gate: Gate, targets: torch.Tensor | None) -> float:
+    """``Gate.max_top1_drop``'s measure (see ``Gate``)."""
+    ref, out = _class_scores(reference, gate), _class_scores(outputs, gate)
+    if targets is not None and targets.dim() == 1 and len(targets) == len(ref) \
+            and not targets.is_floating_point():
+        hits = [float((t.float().argmax(dim=-1) == targets).float().mean()) for t in (ref, out)]
+        return hits[0] - hits[1]
+    return 1.0 - top1_agreement(ref, out)
+
+
+def _state_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+class _Search:
+    """Trials of one recipe: convert with some layers float, measure, remember the best."""
+
+    def __init__(self, recipe: str, convert: Callable, fp32: nn.Module, inputs: tuple,
+                 gate: Gate, config: TuningConfig, targets, deadline: float):
+        self.recipe, self.convert, self.fp32, self.inputs = recipe, convert, fp32, inputs
+        self.gate, self.config, self.targets, self.deadline = gate, config, targets, deadline
+        with torch.no_grad():
+            self.reference = fp32(*inputs)
+        self.trials: list[Trial] = []
+        self.best: tuple[Trial, nn.Module] | None = None
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() >= self.deadline
+
+    def trial(self, float_layers: Iterable[str]) -> Trial:
+        key = frozenset(float_layers)
+        done = next((t for t in self.trials if frozenset(t.float_layers) == key), None)
+        if done is not None:
+            return done
+        start = time.perf_counter()
+        model = self.convert(tuple(float_layers))
+        with torch.no_grad():
+            outputs = model(*self.inputs)
+        sqnr = sqnr_db(self.reference, outputs)
+        drop = (top1_drop(self.reference, outputs, self.gate, self.targets)
+                if self.gate.max_top1_drop is not None else None)
+        fraction = int8.quantized_fraction(model, self.fp32)
+        met = ((self.gate.min_sqnr_db is None or sqnr >= self.gate.min_sqnr_db)
+               and (drop is None or drop <= self.gate.max_top1_drop)
+               and fraction >= self.config.min_quantized_fraction)
+        trial = Trial(self.recipe, tuple(model.int8_settings["float_layers"]), sqnr, drop,
+                      fraction, _state_bytes(model), met, time.perf_counter() - start)
+        self.trials.append(trial)
+        if self.best is None or _better(trial, self.best[0], self.config.min_quantized_fraction):
+            self.best = (trial, model)
+        return trial
+
+
+def _better(a: Trial, b: Trial, min_fraction: float) -> bool:
+    """Met beats missed; among met, fewer float layers, then higher SQNR; among missed, enough
+    parameters quantized, then higher SQNR, then the smaller top-1 drop."""
+    if a.met != b.met:
+        return a.met
+    if a.met:
+        return (len(a.float_layers), -a.sqnr_db) < (len(b.float_layers), -b.sqnr_db)
+    return _missed_key(a, min_fraction) > _missed_key(b, min_fraction)
+
+
+def _missed_key(t: Trial, min_fraction: float) -> tuple:
+    return (t.quantized_fraction >= min_fraction, t.sqnr_db,
+            -(t.top1_drop if t.top1_drop is not None else 0.0))
+
+
+def _order(results: Sequence[LayerSensitivity]) -> list[LayerSensitivity]:
+    """Units worth keeping float, most costly first; unmeasured ones after; error-free dropped."""
+    measured = [r for r in results if r.sqnr_db is not None and r.noise > 0]
+    return sensitivity.ranked(measured) + [r for r in results if r.sqnr_db is None]
+
+
+def _prefix_bound(order: list[LayerSensitivity], search: _Search, base: Trial) -> int:
+    """Longest prefix whose parameters, kept float, still leave the quantized fraction."""
+    total = sum(p.numel() for p in search.fp32.parameters()) or 1
+    fraction, bound = base.quantized_fraction, 0
+    for item in order:
+        fraction -= item.params / total
+        if fraction < search.config.min_quantized_fraction:
+            break
+        bound += 1
+    return bound
+
+
+def _first_guess(order: list[LayerSensitivity], gate: Gate, bound: int) -> int:
+    if gate.min_sqnr_db is None:
+        return min(1, bound)
+    names = [item.name for item in order]
+    for k in range(1, bound + 1):
+        if sensitivity.predicted_sqnr_db(order, names[:k]) >= gate.min_sqnr_db:
+            return k
+    return bound
+
+
+def _prefix_search(search: _Search, order: list[LayerSensitivity], base: Trial) -> None:
+    """Smallest prefix of ``order`` that passes: from the predicted size, double until one
+    passes, then bisect down to the last that failed; finally prune."""
+    names = [item.name for item in order]
+    bound = _prefix_bound(order, search, base)
+    failed, passed, k = 0, None, max(1, _first_guess(order, search.gate, bound))
+    while bound and not search.out_of_time():
+        if search.trial(names[:k]).met:
+            passed = k
+            break
+        failed = k
+        if k == bound:
+            break
+        k = min(bound, 2 * k)
+    while passed is not None and passed - failed > 1 and not search.out_of_time():
+        middle = (failed + passed) // 2
+        if search.trial(names[:middle]).met:
+            passed = middle
+        else:
+            failed = middle
+    if passed is not None:
+        _prune(search, names[:passed])
+
+
+def _prune(search: _Search, kept: list[str]) -> None:
+    """Try dropping each kept unit, least costly first; keep every drop that still passes."""
+    for name in reversed(list(kept)):
+        if search.out_of_time() or len(kept) <= 1:
+            return
+        rest = [n for n in kept if n != name]
+        if search.trial(rest).met:
+            kept = rest
+
+
+def _sensitivity(task: SensitivityTask, config: TuningConfig,
+                 map_chunks: MapChunks | None) -> list[LayerSensitivity]:
+    tasks = sensitivity.split_tasks(task, config.chunks)
+    parts = (map_chunks or _in_process)(tasks)
+    return sensitivity.merge_sensitivity(parts, task.units)
+
+
+def _in_process(tasks: list[SensitivityTask]) -> list[list[LayerSensitivity]]:
+    return [sensitivity.run_sensitivity(task) for task in tasks]
+
+
+def _tune_recipe(search: _Search, task_of: Callable[[float], SensitivityTask],
+                 config: TuningConfig, map_chunks: MapChunks | None) -> list[LayerSensitivity]:
+    """Plain conversion first; on a miss, sensitivity then the prefix search. Returns the
+    sensitivity measured (empty when the plain conversion passed or no gate is set)."""
+    base = search.trial(())
+    if base.met or not search.gate.active or search.out_of_time():
+        return []
+    remaining = search.deadline - time.perf_counter()
+    results = _sensitivity(task_of(remaining), config, map_chunks)
+    _prefix_search(search, _order(results), base)
+    return results
+
+
+def _static(model, calibration_loader, calibration_batches, backend, observer, make_search,
+            config, map_chunks, inputs):
+    prepared = int8.calibrate_int8(model, calibration_loader, calibration_batches, backend,
+                                   observer)
+    name = type(model).__name__
+    search = make_search("static", lambda floats: int8.convert_int8(prepared, floats,
+                                                                     model_name=name))
+    results = _tune_recipe(search, lambda budget: sensitivity.task_for(
+        "static", model, inputs, prepared=prepared, method=config.method, budget_s=budget),
+        config, map_chunks)
+    return search, results
+
+
+def _dynamic(model, backend, make_search, config, map_chunks, inputs):
+    search = make_search("dynamic", lambda floats: int8.to_int8_dynamic(model, backend,
+                                                                         float_layers=floats))
+    results = _tune_recipe(search, lambda budget: sensitivity.task_for(
+        "dynamic", model, inputs, backend=backend, budget_s=budget), config, map_chunks)
+    return search, results
+
+
+def _speedup(fp32: nn.Module, model: nn.Module, inputs: tuple) -> float:
+    one = tuple(t[:1] for t in inputs)
+    return measure_latency_ms(fp32, one) / measure_latency_ms(model, one)
+
+
+def _choose(searches: list[_Search], skipped: list[str], config: TuningConfig, fp32, inputs):
+    """The admissible best of each recipe, then the smallest (or the fastest, speed gated)."""
+    passing = [s for s in searches if s.best is not None and s.best[0].met]
+    notes = list(skipped)
+    if config.min_speedup is not None and passing:
+        speeds = {id(s): _speedup(fp32, s.best[1], inputs) for s in passing}
+        notes += [f"{s.recipe} {speeds[id(s)]:.2f}x faster than fp32" for s in passing]
+        passing = sorted((s for s in passing if speeds[id(s)] >= config.min_speedup),
+                         key=lambda s: -speeds[id(s)])
+        rule = f"the fastest meeting min_speedup {config.min_speedup:g}"
+    else:
+        passing = sorted(passing, key=lambda s: s.best[0].state_bytes)
+        rule = "the smallest"
+    for s in searches:
+        trial = s.best[0] if s.best else None
+        if trial is not None:
+            notes.append(f"{s.recipe}: {trial.sqnr_db:.1f} dB, {len(trial.float_layers)} "
+                         f"float layer(s), {trial.state_bytes} bytes, "
+                         f"{'met' if trial.met else 'missed'} the gate")
+    return (passing[0] if passing else None), rule, notes
+
+
+def _not_met(searches: list[_Search], gate: Gate, config: TuningConfig, notes: list[str]):
+    found = [s.best[0] for s in searches if s.best is not None]
+    if not found:
+        return GateNotMetError(f"no int8 recipe could convert the model: {'; '.join(notes)}")
+    best = max(found, key=lambda t: _missed_key(t, config.min_quantized_fraction))
+    layers = ", ".join(best.float_layers) or "none"
+    spent = any(s.out_of_time() for s in searches)
+    how = (f"before the {config.budget_s:g} s tuning budget ran out" if spent else
+           f"in {sum(len(s.trials) for s in searches)} trials")
+    return GateNotMetError(
+        f"no int8 model met {gate.describe()} (min_quantized_fraction "
+        f"{config.min_quantized_fraction:g}) {how}: best {best.recipe} reached SQNR {best.sqnr_db:.1f} dB"
+        + (f", top-1 drop {best.top1_drop:.3f}" if best.top1_drop is not None else "")
+        + f" with float layers [{layers}] (quantized fraction {best.quantized_fraction:.2f}). "
+        f"Raise tuning.budget_s, lower the gate, or convert this model to fp16.",
+        best.to_json())
+
+
+def _reason(winner: _Search, config: TuningConfig, gate: Gate, rule: str, notes: list[str]) -> str:
+    trial = winner.best[0]
+    if not gate.active:
+        how = "no gate set: plain conversion"
+    elif not trial.float_layers:
+        how = f"plain conversion met {gate.describe()}"
+    else:
+        how = (f"{len(trial.float_layers)} layer(s) kept float to meet {gate.describe()} "
+               f"({len(winner.trials)} trials)")
+    if config.recipe != "auto":
+        return f"{trial.recipe}: {how}"
+    return f"auto chose {trial.recipe} ({how}), {rule} of the recipes that passed; " + "; ".join(notes)
+
+
+def tune_int8(
+    model: nn.Module,
+    calibration_loader: Iterable,
+    held_out: Any,
+    *,
+    gate: Gate = Gate(),
+    config: TuningConfig = TuningConfig(),
+    targets: torch.Tensor | None = None,
+    calibration_batches: int = 10,
+    backend: str = "fbgemm",
+    observer: str = "default",
+    map_chunks: MapChunks | None = None,
+) -> TuningResult:
+    """The int8 model with the fewest layers in float that meets ``gate`` on ``held_out``.
+
+    Args:
+        model: the fp32 model (deep-copied; never modified).
+        calibration_loader: ``(inputs, targets)`` batches, as ``to_int8`` takes (static only).
+        held_out: held-out inputs (a tensor or tuple of positional tensors), not calibrated on.
+        gate: the fidelity gate; inactive: one plain conversion (``auto``: of each recipe).
+        config: recipe, time budget, chunks, sensitivity method, admissibility.
+        targets: labels of ``held_out`` rows (integer class ids) for ``max_top1_drop``.
+        calibration_batches, backend, observer: as ``to_int8``.
+        map_chunks: runs a list of ``SensitivityTask`` and returns their results in any order
+            (default: one after the other, in this process; the orchestrator fans them out).
+
+    Returns:
+        A ``TuningResult``: the int8 model (with ``int8_settings``), the chosen trial, all
+        trials, time spent, why this recipe, and the sensitivity measured.
+
+    Raises:
+        GateNotMetError: the gate is set and no candidate met it (the message names the best).
+        ConfigError, CalibrationError, TraceError, InputShapeError: as ``to_int8``.
+    """
+    start = time.perf_counter()
+    fp32 = copy.deepcopy(model).eval()
+    inputs = tuple(held_out) if isinstance(held_out, (tuple, list)) else (held_out,)
+    deadline = start + config.budget_s
+
+    def make_search(recipe, convert):
+        return _Search(recipe, convert, fp32, inputs, gate, config, targets, deadline)
+
+    searches, skipped, measured = [], [], {}
+    for recipe in (("static", "dynamic") if config.recipe == "auto" else (config.recipe,)):
+        if recipe == "dynamic" and config.recipe == "auto" and not int8.dynamic_units(fp32):
+            skipped.append("dynamic: no Linear/LSTM/GRU layer")
+            continue
+        try:
+            search, results = (
+                _static(fp32, calibration_loader, calibration_batches, backend, observer,
+                        make_search, config, map_chunks, inputs) if recipe == "static" else
+                _dynamic(fp32, backend, make_search, config, map_chunks, inputs))
+        except TraceError as exc:
+            if config.recipe != "auto":
+                raise
+            skipped.append(f"static: {str(exc).splitlines()[0][:200]}")
+            continue
+        searches.append(search)
+        if results:
+            measured[recipe] = results
+    winner, rule, notes = _choose(searches, skipped, config, fp32, inputs)
+    if winner is None and config.recipe != "auto" and not gate.active:
+        winner = searches[0]   # nothing to meet: the quantized-fraction check is the caller's
+    if winner is None:
+        raise _not_met(searches, gate, config, notes)
+    trials = [t for s in searches for t in s.trials]
+    return TuningResult(winner.best[1], winner.best[0], trials, time.perf_counter() - start,
+                        _reason(winner, config, gate, rule, notes), measured)
