@@ -313,7 +313,8 @@ def _tune_recipe(search: _Search, task_of: Callable[[float], SensitivityTask],
     """Plain conversion first; on a miss, sensitivity then the prefix search. Returns the
     sensitivity measured (empty when the plain conversion passed or no gate is set)."""
     base = search.trial(())
-    if base.met or not search.gate.active or search.out_of_time():
+    too_few = base.quantized_fraction < search.config.min_quantized_fraction  # float won't help
+    if base.met or not search.gate.active or too_few or search.out_of_time():
         return []
     remaining = search.deadline - time.perf_counter()
     results = _sensitivity(task_of(remaining), config, map_chunks)
