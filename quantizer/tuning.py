@@ -370,10 +370,10 @@ def _choose(searches: list[_Search], skipped: list[str], config: TuningConfig, f
     return (passing[0] if passing else None), rule, notes
 
 
-def _not_met(searches: list[_Search], gate: Gate, config: TuningConfig, notes: list[str]):
+def _not_met(searches: list[_Search], gate: Gate, config: TuningConfig, skipped: list[str]):
     found = [s.best[0] for s in searches if s.best is not None]
     if not found:
-        return GateNotMetError(f"no int8 recipe could convert the model: {'; '.join(notes)}")
+        return GateNotMetError(f"no int8 recipe could convert the model: {'; '.join(skipped)}")
     best = max(found, key=lambda t: _missed_key(t, config.min_quantized_fraction))
     layers = ", ".join(best.float_layers) or "none"
     spent = any(s.out_of_time() for s in searches)
@@ -384,8 +384,8 @@ def _not_met(searches: list[_Search], gate: Gate, config: TuningConfig, notes: l
         f"{config.min_quantized_fraction:g}) {how}: best {best.recipe} reached SQNR {best.sqnr_db:.1f} dB"
         + (f", top-1 drop {best.top1_drop:.3f}" if best.top1_drop is not None else "")
         + f" with float layers [{layers}] (quantized fraction {best.quantized_fraction:.2f}). "
-        f"Raise tuning.budget_s, lower the gate, or convert this model to fp16.",
-        best.to_json())
+        f"Raise tuning.budget_s, lower the gate, or convert this model to fp16."
+        + "".join(f" Skipped {note}." for note in skipped), best.to_json())
 
 
 def _reason(winner: _Search, config: TuningConfig, gate: Gate, rule: str, notes: list[str]) -> str:
@@ -466,7 +466,7 @@ def tune_int8(
     if winner is None and config.recipe != "auto" and not gate.active:
         winner = searches[0]   # nothing to meet: the quantized-fraction check is the caller's
     if winner is None:
-        raise _not_met(searches, gate, config, notes)
+        raise _not_met(searches, gate, config, skipped)
     trials = [t for s in searches for t in s.trials]
     return TuningResult(winner.best[1], winner.best[0], trials, time.perf_counter() - start,
                         _reason(winner, config, gate, rule, notes), measured)
