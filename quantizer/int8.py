@@ -297,6 +297,32 @@ def prepare_int8(model: nn.Module, example_inputs: Any, backend: str = "fbgemm",
     return prepared
 
 
+def _observer_names(prepared: torch.fx.GraphModule) -> list[str]:
+    return [name for name, module in prepared.named_modules() if _is_observer(module)]
+
+
+def observer_state(prepared: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The calibration statistics of a prepared model alone (its weights are the fp32 model's):
+    what another process needs, beside the fp32 model, to rebuild it with ``load_observer_state``.
+    """
+    names = tuple(f"{name}." for name in _observer_names(prepared))
+    return {key: value for key, value in prepared.state_dict().items() if key.startswith(names)}
+
+
+def load_observer_state(prepared: torch.fx.GraphModule, state: Mapping[str, torch.Tensor]) -> None:
+    """Load ``observer_state`` of a calibrated copy into ``prepare_int8``'s uncalibrated one.
+
+    Raises:
+        ConfigError: the states do not fit (another model, backend or observer).
+    """
+    want = set(observer_state(prepared))
+    if set(state) != want:
+        raise ConfigError(f"observer state does not fit this prepared model: missing "
+                          f"{sorted(want - set(state))[:5]}, unexpected {sorted(set(state) - want)[:5]}")
+    prepared.load_state_dict(dict(state), strict=False)
+    prepared.calibration_batches_used = max(1, prepared.calibration_batches_used)
+
+
 def to_int8(
     model: nn.Module,
     calibration_loader: Iterable,
@@ -509,23 +535,27 @@ def convert_int8(prepared: torch.fx.GraphModule, float_layers: Collection[str] =
 
 
 class _FakeQuant(nn.Module):
-    """One observer's call site, quantizing (or not) with the observer's calibrated qparams."""
+    """One observer's call site, quantizing (or not) with the observer's calibrated qparams
+    (activations per tensor; a functional op's weight observer may be per channel)."""
 
     def __init__(self, observer: nn.Module):
         super().__init__()
-        self.enabled, self.qparams = False, None
-        dtype = getattr(observer, "dtype", None)
-        per_tensor = getattr(observer, "qscheme", None) in (torch.per_tensor_affine,
-                                                             torch.per_tensor_symmetric)
-        if dtype in _QUANTIZED_DTYPES and per_tensor and not getattr(observer, "is_dynamic", False):
-            scale, zero_point = observer.calculate_qparams()
-            info = torch.iinfo(dtype)  # quantize_per_tensor clamps to the dtype's range
-            self.qparams = (float(scale), int(zero_point), info.min, info.max)
+        self.enabled, self.quantize = False, None
+        dtype, scheme = getattr(observer, "dtype", None), getattr(observer, "qscheme", None)
+        if dtype not in _QUANTIZED_DTYPES or getattr(observer, "is_dynamic", False):
+            return
+        scale, zero_point = observer.calculate_qparams()
+        info = torch.iinfo(dtype)  # quantize_per_tensor clamps to the dtype's range
+        if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            qparams = (float(scale), int(zero_point), info.min, info.max)
+            self.quantize = lambda x: torch.fake_quantize_per_tensor_affine(x, *qparams)
+        elif scheme in (torch.per_channel_affine, torch.per_channel_symmetric):
+            qparams = (scale.float(), zero_point.to(torch.int32), observer.ch_axis, info.min,
+                       info.max)
+            self.quantize = lambda x: torch.fake_quantize_per_channel_affine(x, *qparams)
 
     def forward(self, x):
-        if self.enabled and self.qparams is not None:
-            return torch.fake_quantize_per_tensor_affine(x, *self.qparams)
-        return x
+        return self.quantize(x) if self.enabled and self.quantize is not None else x
 
 
 def _weight_fake_quant(weight: torch.Tensor, qconfig: QConfig) -> Callable:
@@ -577,11 +607,12 @@ class Int8Simulator:
     bit for bit (docs/tuning.md gives the measured agreement).
 
     Args:
-        prepared: from ``calibrate_int8`` (or ``prepare_int8`` + a calibrated state_dict).
+        prepared: from ``calibrate_int8`` (or ``prepare_int8`` + ``load_observer_state``).
+        inplace: rewrite ``prepared`` itself (then spent) instead of a copy of it.
     """
 
-    def __init__(self, prepared: torch.fx.GraphModule):
-        graph = copy.deepcopy(prepared)
+    def __init__(self, prepared: torch.fx.GraphModule, *, inplace: bool = False):
+        graph = prepared if inplace else copy.deepcopy(prepared)
         self.graph, self.units, self.params = graph, _units(graph), fallback_units(graph)
         self._quantizable = {name for name, qconfig in
                              graph.meta["_observed_graph_module_attrs"].node_name_to_qconfig.items()

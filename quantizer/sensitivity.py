@@ -67,9 +67,10 @@ class SensitivityTask:
         model: the fp32 model.
         backend, observer: as the conversion uses them.
         example_inputs: positional inputs to trace with (static).
-        observer_state: the calibrated ``prepare_int8`` model's state_dict (static).
+        observer_state: ``int8.observer_state`` of the calibrated model (static).
         inputs: held-out positional inputs the SQNR is measured on.
         units: the unit names this chunk measures.
+        reference: the fp32 model's outputs on ``inputs`` (``None``: each chunk computes them).
         method: ``simulate`` or ``convert`` (static; dynamic always converts).
         budget_s: stop starting new units after this many seconds (unmeasured: ``None``).
     """
@@ -82,6 +83,7 @@ class SensitivityTask:
     observer_state: dict | None
     inputs: tuple
     units: tuple[str, ...]
+    reference: Any = None
     method: str = "simulate"
     budget_s: float = math.inf
 
@@ -102,9 +104,9 @@ def split_tasks(task: SensitivityTask, chunks: int) -> list[SensitivityTask]:
 def _static_runner(task: SensitivityTask):
     """(unit -> parameters, unit -> outputs with only that unit quantized)"""
     prepared = int8.prepare_int8(task.model, task.example_inputs, task.backend, task.observer)
-    prepared.load_state_dict(task.observer_state)
+    int8.load_observer_state(prepared, task.observer_state)
     if task.method == "simulate":
-        simulator = int8.Int8Simulator(prepared)
+        simulator = int8.Int8Simulator(prepared, inplace=True)
         return simulator.params, lambda unit: simulator.run(task.inputs, quantized_only=[unit])
 
     def convert(unit):
@@ -142,8 +144,10 @@ def run_sensitivity(task: SensitivityTask) -> list[LayerSensitivity]:
         params, run = _dynamic_runner(task)
     else:
         raise ConfigError(f"unknown recipe {task.recipe!r} for sensitivity (static or dynamic)")
-    with torch.no_grad():
-        reference = task.model(*task.inputs)
+    reference = task.reference
+    if reference is None:
+        with torch.no_grad():
+            reference = task.model(*task.inputs)
     results = []
     for unit in task.units:
         began = time.perf_counter()
@@ -199,10 +203,12 @@ def task_for(recipe: str, model: nn.Module, inputs: Any, *, prepared=None, backe
         method, budget_s: as ``SensitivityTask``.
     """
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    with torch.no_grad():
+        reference = model(*args)
     if recipe == "static":
         example = tuple(t[:1] for t in args)
         return SensitivityTask("static", model, prepared.backend, prepared.observer, example,
-                               prepared.state_dict(), args, tuple(int8.fallback_units(prepared)),
-                               method, budget_s)
+                               int8.observer_state(prepared), args,
+                               tuple(int8.fallback_units(prepared)), reference, method, budget_s)
     return SensitivityTask("dynamic", model, backend, None, (), None, args,
-                           tuple(int8.dynamic_units(model)), "convert", budget_s)
+                           tuple(int8.dynamic_units(model)), reference, "convert", budget_s)

@@ -365,9 +365,17 @@ def _choose(searches: list[_Search], skipped: list[str], config: TuningConfig, f
         trial = s.best[0] if s.best else None
         if trial is not None:
             notes.append(f"{s.recipe}: {trial.sqnr_db:.1f} dB, {len(trial.float_layers)} "
-                         f"float layer(s), {trial.state_bytes} bytes, "
-                         f"{'met' if trial.met else 'missed'} the gate")
+                         f"float layer(s), {trial.state_bytes} bytes, " + _verdict(trial, config))
     return (passing[0] if passing else None), rule, notes
+
+
+def _verdict(trial: Trial, config: TuningConfig) -> str:
+    if trial.met:
+        return "passed"
+    if trial.quantized_fraction < config.min_quantized_fraction:
+        return (f"only {trial.quantized_fraction:.0%} of parameters int8 (min_quantized_fraction "
+                f"{config.min_quantized_fraction:g})")
+    return "missed the gate"
 
 
 def _not_met(searches: list[_Search], gate: Gate, config: TuningConfig, skipped: list[str]):
@@ -439,29 +447,18 @@ def tune_int8(
     start = time.perf_counter()
     fp32 = copy.deepcopy(model).eval()
     inputs = tuple(held_out) if isinstance(held_out, (tuple, list)) else (held_out,)
-    deadline = start + config.budget_s
 
     def make_search(recipe, convert):
-        return _Search(recipe, convert, fp32, inputs, gate, config, targets, deadline)
+        return _Search(recipe, convert, fp32, inputs, gate, config, targets,
+                       start + config.budget_s)
 
-    searches, skipped, measured = [], [], {}
-    for recipe in (("static", "dynamic") if config.recipe == "auto" else (config.recipe,)):
-        if recipe == "dynamic" and config.recipe == "auto" and not int8.dynamic_units(fp32):
-            skipped.append("dynamic: no Linear/LSTM/GRU layer")
-            continue
-        try:
-            search, results = (
-                _static(fp32, calibration_loader, calibration_batches, backend, observer,
-                        make_search, config, map_chunks, inputs) if recipe == "static" else
-                _dynamic(fp32, backend, make_search, config, map_chunks, inputs))
-        except TraceError as exc:
-            if config.recipe != "auto":
-                raise
-            skipped.append(f"static: {str(exc).splitlines()[0][:200]}")
-            continue
-        searches.append(search)
-        if results:
-            measured[recipe] = results
+    def run(recipe):
+        if recipe == "static":
+            return _static(fp32, calibration_loader, calibration_batches, backend, observer,
+                           make_search, config, map_chunks, inputs)
+        return _dynamic(fp32, backend, make_search, config, map_chunks, inputs)
+
+    searches, skipped, measured = _run_recipes(run, fp32, config)
     winner, rule, notes = _choose(searches, skipped, config, fp32, inputs)
     if winner is None and config.recipe != "auto" and not gate.active:
         winner = searches[0]   # nothing to meet: the quantized-fraction check is the caller's
@@ -470,3 +467,24 @@ def tune_int8(
     trials = [t for s in searches for t in s.trials]
     return TuningResult(winner.best[1], winner.best[0], trials, time.perf_counter() - start,
                         _reason(winner, config, gate, rule, notes), measured)
+
+
+def _run_recipes(run: Callable, fp32: nn.Module, config: TuningConfig):
+    """Tune each recipe ``config.recipe`` asks for; ``auto`` skips (and says why) a recipe the
+    model cannot take: no Linear/LSTM/GRU for dynamic, a model FX cannot trace for static."""
+    searches, skipped, measured = [], [], {}
+    for recipe in (("static", "dynamic") if config.recipe == "auto" else (config.recipe,)):
+        if recipe == "dynamic" and config.recipe == "auto" and not int8.dynamic_units(fp32):
+            skipped.append("dynamic: no Linear/LSTM/GRU layer")
+            continue
+        try:
+            search, results = run(recipe)
+        except TraceError as exc:
+            if config.recipe != "auto":
+                raise
+            skipped.append(f"static: {str(exc).splitlines()[0][:200]}")
+            continue
+        searches.append(search)
+        if results:
+            measured[recipe] = results
+    return searches, skipped, measured
