@@ -9,12 +9,13 @@ chunk against the one-chunk pass's: the ratio two idle cores would give, which a
 machine hides. Then a full ``tune_int8`` with ``min_sqnr_db`` whose
 sensitivity chunks go to the same two workers: its time, trials and layers kept float.
 
-    python -m benchmarks.sensitivity [--model NAME ...] [--repeats 3] [--min-sqnr-db 20]
+    python -m benchmarks.sensitivity [--model NAME ...] [--repeats 3] [--min-sqnr-db 20] [--quick]
 
 Models: ``mtcnn-onet`` (static, simulated), ``speaker-encoder`` (dynamic, converted),
 ``resnet18`` (benchmarks.models, 64x64, static, simulated; random weights, calibrated on noise:
-for timing only). The pretrained ones need their weight wheels. Prints the load average before
-and after: on a shared machine the ratio means little without it. Must not import ray.
+for timing only). The pretrained ones need their weight wheels. Prints a table, then the
+figures (``harness.print_figures``) with the load average at start and end: on a shared machine
+the wall ratio means little without it. Must not import ray.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import warnings
 
 import torch
 
-from benchmarks import models as bench_models
+from benchmarks import harness, models as bench_models
 from benchmarks.tuning_zoo import _pretrained, _real_data
 from quantizer import GateNotMetError, int8, sensitivity, tuning
 
@@ -81,7 +82,8 @@ def _timed(pool, tasks, order) -> tuple[float, float]:
     return time.perf_counter() - start, max(cpu for _, cpu in done)
 
 
-def measure(name: str, pools, repeats: int, gate: tuning.Gate) -> str:
+def measure(name: str, pools, repeats: int, gate: tuning.Gate) -> dict:
+    """One model's figures: wall and busiest-chunk CPU seconds for 1 and 2 chunks, tuning."""
     model, loader, held, recipe = _setup(name)
     task = _task(model, loader, held, recipe)
     one, two = [], []
@@ -96,38 +98,52 @@ def measure(name: str, pools, repeats: int, gate: tuning.Gate) -> str:
                                   config=tuning.TuningConfig(recipe=recipe, chunks=2),
                                   map_chunks=lambda tasks: pools[2].map(
                                       sensitivity.run_sensitivity, tasks, chunksize=1))
-        tuned = (f"{result.tuning_s:.1f} s, {len(result.trials)} trials, "
-                 f"{result.chosen.sqnr_db:.1f} dB, float {list(result.chosen.float_layers)}")
+        tuned = (f"{len(result.trials)} trials, {result.chosen.sqnr_db:.1f} dB, "
+                 f"float {list(result.chosen.float_layers)}")
     except GateNotMetError as exc:
-        tuned = f"{time.perf_counter() - start:.1f} s, failed: {str(exc)[:120]}"
-    return (f"| {name} | {recipe} | {len(task.units)} | {t1:.2f} | {t2:.2f} | {t2 / t1:.3f} | "
-            f"{c1:.2f} | {c2:.2f} | {c2 / c1:.3f} | {tuned} |")
+        tuned = f"failed: {str(exc)[:120]}"
+    return {"recipe": recipe, "units": len(task.units), "wall_1": t1, "wall_2": t2,
+            "cpu_1": c1, "cpu_2": c2, "tuning_s": time.perf_counter() - start, "tuned": tuned}
 
 
-def main(argv=None) -> None:
+def _row(name: str, f: dict) -> str:
+    return (f"| {name} | {f['recipe']} | {f['units']} | {f['wall_1']:.2f} | {f['wall_2']:.2f} | "
+            f"{f['wall_2'] / f['wall_1']:.3f} | {f['cpu_1']:.2f} | {f['cpu_2']:.2f} | "
+            f"{f['cpu_2'] / f['cpu_1']:.3f} | {f['tuning_s']:.1f} s: {f['tuned']} |")
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", choices=MODELS, default=[])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-sqnr-db", type=float, default=20.0)
+    parser.add_argument("--quick", action="store_true", help="mtcnn-onet only, 1 repeat")
     args = parser.parse_args(argv)
     _one_thread()
+    figures = harness.start_figures()
+    names = ["mtcnn-onet"] if args.quick else (args.model or list(MODELS))
+    repeats = 1 if args.quick else args.repeats
     context = multiprocessing.get_context("spawn")
     pools = {n: context.Pool(n, initializer=_one_thread) for n in (1, 2)}
     try:
         for n, pool in pools.items():
             pool.map(_warm, range(n), chunksize=1)
-        print(f"load average before: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
         print("| model | recipe | units | 1 process s | 2 processes s | wall ratio | CPU s, 1 | "
-              "CPU s, busiest of 2 | CPU ratio | tune_int8 (2 chunks) |")
+              "CPU s, busiest of 2 | CPU ratio | tune_int8, 2 chunks |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name in args.model or MODELS:
-            print(measure(name, pools, args.repeats, tuning.Gate(min_sqnr_db=args.min_sqnr_db)),
-                  flush=True)
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        for name in names:
+            found = measure(name, pools, repeats, tuning.Gate(min_sqnr_db=args.min_sqnr_db))
+            print(_row(name, found), flush=True)
+            figures[f"{name}_wall_ratio"] = found["wall_2"] / found["wall_1"]
+            figures[f"{name}_cpu_ratio"] = found["cpu_2"] / found["cpu_1"]
+            figures[f"{name}_tuning_s"] = found["tuning_s"]
     finally:
         for pool in pools.values():
             pool.terminate()
+    figures["load_1min_at_end"] = round(os.getloadavg()[0], 2)
+    harness.print_figures(figures)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

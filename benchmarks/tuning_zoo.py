@@ -7,7 +7,9 @@ smallest artifact that passes) with ``min_sqnr_db`` on the digit classifiers of
 their weight wheels must be installed), and prints one table row per model: plain int8 SQNR,
 the chosen recipe, SQNR after tuning, layers kept float, trials, tuning seconds, size ratio.
 
-    python -m benchmarks.tuning_zoo [--only NAME ...] [--min-sqnr-db 20] [--recipe auto]
+    python -m benchmarks.tuning_zoo [--only NAME ...] [--min-sqnr-db 20] [--recipe auto] [--quick]
+
+Prints the table, then the figures (``harness.print_figures``): rows met, rows failed.
 
 Must not import ray.
 """
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import time
 import warnings
 
 import torch
 
-from benchmarks import tuning_models
+from benchmarks import harness, tuning_models
 from quantizer import GateNotMetError, tuning
 from tests.real import models as real
 
@@ -79,7 +82,8 @@ def _bytes(model) -> int:
     return len(buffer.getvalue())
 
 
-def row(name, model, cal, held, labels, gate, config) -> str:
+def row(name, model, cal, held, labels, gate, config) -> tuple[str, bool]:
+    """The table row of one model, and whether it met the gate."""
     loader = [(cal[i:i + BATCH], None) for i in range(0, len(cal), BATCH)]
     start = time.perf_counter()
     try:
@@ -87,35 +91,46 @@ def row(name, model, cal, held, labels, gate, config) -> str:
                                   calibration_batches=len(loader))
     except GateNotMetError as exc:
         best = exc.best
-        return (f"| {name} | FAILED | best {best.get('recipe')} {best.get('sqnr_db', 0):.1f} dB "
-                f"| {', '.join(best.get('float_layers', [])) or '-'} | | "
-                f"{time.perf_counter() - start:.1f} | |")
+        return (f"| {name} | FAILED: best {best.get('recipe')} {best.get('sqnr_db', 0):.1f} dB, "
+                f"quantized {best.get('quantized_fraction', 0):.2f} | | "
+                f"{', '.join(best.get('float_layers', [])) or '-'} | | "
+                f"{time.perf_counter() - start:.1f} | |"), False
     plain = {t.recipe: t.sqnr_db for t in result.trials if not t.float_layers}
     chosen = result.chosen
     return (f"| {name} | {chosen.recipe} | "
             + " / ".join(f"{r} {v:.1f}" for r, v in plain.items())
-            + f" -> {chosen.sqnr_db:.1f} | {', '.join(chosen.float_layers) or '-'} | "
+            + f" | {chosen.sqnr_db:.1f} | {', '.join(chosen.float_layers) or '-'} | "
             f"{len(result.trials)} | {result.tuning_s:.1f} | "
-            f"{chosen.state_bytes / _bytes(model):.3f} |")
+            f"{chosen.state_bytes / _bytes(model):.3f} |"), True
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[])
     parser.add_argument("--min-sqnr-db", type=float, default=20.0)
     parser.add_argument("--recipe", default="auto", choices=tuning.RECIPE_CHOICES)
     parser.add_argument("--budget-s", type=float, default=tuning.DEFAULT_BUDGET_S)
+    parser.add_argument("--quick", action="store_true", help="digits-mlp and mtcnn-rnet only")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
+    figures = harness.start_figures()
     gate = tuning.Gate(min_sqnr_db=args.min_sqnr_db)
     config = tuning.TuningConfig(recipe=args.recipe, budget_s=args.budget_s)
     print(f"gate: {gate.describe()}, recipe {args.recipe}, budget {args.budget_s:g} s, "
           f"torch threads {torch.get_num_threads()}")
-    print("| model | recipe | plain SQNR dB -> tuned | float layers | trials | tuning s | size |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for item in zoo(args.only):
-        print(row(*item, gate, config), flush=True)
+    print("| model | recipe | plain SQNR dB | tuned SQNR dB | float layers | trials | tuning s "
+          "| size ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    met = failed = 0
+    for item in zoo(["digits-mlp", "mtcnn-rnet"] if args.quick else args.only):
+        line, ok = row(*item, gate, config)
+        print(line, flush=True)
+        met, failed = met + ok, failed + (not ok)
+    figures.update(rows_met=met, rows_failed=failed)
+    figures["load_1min_at_end"] = round(os.getloadavg()[0], 2)
+    harness.print_figures(figures)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -172,6 +172,14 @@ def test_dynamic_lstm_weights_count_as_int8_and_a_float_weight_splits_the_layer(
     assert _sqnr(row_lstm, kept, digits["x_test"]) > 20.0
 
 
+@pytest.mark.parametrize("backend", int8.BACKENDS)
+def test_dynamic_int8_runs_on_every_backend(row_lstm, digits, backend):
+    converted = int8.to_int8_dynamic(row_lstm, backend, float_layers=["rnn.weight_ih_l0"])
+    assert converted.int8_settings["backend"] == backend
+    int8.set_engine(backend)
+    assert _sqnr(row_lstm, converted, digits["x_test"]) > 20.0
+
+
 def test_settings_from_a_newer_tool_are_refused(prelu_cnn, tmp_path, digits):
     with pytest.raises(ConfigError, match="unknown field.*granularity.*newer quantize-all"):
         int8.rebuild_int8(prelu_cnn, digits["x_test"][:1], {"recipe": "static", "granularity": 4})
