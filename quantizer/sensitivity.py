@@ -46,10 +46,8 @@ class LayerSensitivity:
 
     @property
     def noise(self) -> float:
-        """Relative noise power this unit adds (``inf`` when not measured: rank it first)."""
-        if self.sqnr_db is None:
-            return math.inf
-        return 10.0 ** (-self.sqnr_db / 10.0)
+        """Relative noise power this unit adds (0 when not measured)."""
+        return 0.0 if self.sqnr_db is None else 10.0 ** (-self.sqnr_db / 10.0)
 
     def to_json(self) -> dict:
         """JSON-safe: an infinite SQNR (no error at all) is written as 300 dB."""
@@ -144,6 +142,10 @@ def run_sensitivity(task: SensitivityTask) -> list[LayerSensitivity]:
         params, run = _dynamic_runner(task)
     else:
         raise ConfigError(f"unknown recipe {task.recipe!r} for sensitivity (static or dynamic)")
+    unknown = [unit for unit in task.units if unit not in params]
+    if unknown:
+        raise ConfigError(f"{type(task.model).__name__} has no {task.recipe} unit(s) "
+                          f"{', '.join(map(repr, unknown))}")
     reference = task.reference
     if reference is None:
         with torch.no_grad():
@@ -169,9 +171,10 @@ def merge_sensitivity(parts: Iterable[Sequence[LayerSensitivity]],
         ConfigError: a unit outside ``order``.
     """
     found: dict[str, LayerSensitivity] = {}
+    known = set(order)
     for part in parts:
         for item in part:
-            if item.name not in order:
+            if item.name not in known:
                 raise ConfigError(f"sensitivity result for unknown unit {item.name!r}")
             if item.name not in found or found[item.name].sqnr_db is None:
                 found[item.name] = item
@@ -179,8 +182,8 @@ def merge_sensitivity(parts: Iterable[Sequence[LayerSensitivity]],
 
 
 def ranked(results: Sequence[LayerSensitivity]) -> list[LayerSensitivity]:
-    """Most costly first (largest noise; unmeasured units first); ties keep model order."""
-    return sorted(results, key=lambda item: -item.noise)
+    """Most costly first (largest noise), unmeasured units last; ties keep model order."""
+    return sorted(results, key=lambda item: (item.sqnr_db is None, -item.noise))
 
 
 def predicted_sqnr_db(results: Sequence[LayerSensitivity], float_layers: Iterable[str]) -> float:

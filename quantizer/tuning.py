@@ -237,8 +237,7 @@ def _missed_key(t: Trial, min_fraction: float) -> tuple:
 
 def _order(results: Sequence[LayerSensitivity]) -> list[LayerSensitivity]:
     """Units worth keeping float, most costly first; unmeasured ones after; error-free dropped."""
-    measured = [r for r in results if r.sqnr_db is not None and r.noise > 0]
-    return sensitivity.ranked(measured) + [r for r in results if r.sqnr_db is None]
+    return [r for r in sensitivity.ranked(results) if r.sqnr_db is None or r.noise > 0]
 
 
 def _prefix_bound(order: list[LayerSensitivity], search: _Search, base: Trial) -> int:
