@@ -7,7 +7,9 @@ of the two wall times; shipping the task (fp32 model, calibrated observers' stat
 held-out rows) and merging are inside both timings. Beside it, the CPU seconds of the busiest
 chunk against the one-chunk pass's: the ratio two idle cores would give, which a loaded shared
 machine hides. Then a full ``tune_int8`` with ``min_sqnr_db`` whose
-sensitivity chunks go to the same two workers: its time, trials and layers kept float.
+sensitivity chunks go to the same two workers: its time, trials and layers kept float. For the
+static models, the pass is also run with a real conversion per unit instead of the simulator:
+the CPU seconds of both and the largest SQNR difference between them.
 
     python -m benchmarks.sensitivity [--model NAME ...] [--repeats 3] [--min-sqnr-db 20] [--quick]
 
@@ -21,6 +23,8 @@ the wall ratio means little without it. Must not import ray.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import multiprocessing
 import os
 import statistics
@@ -92,6 +96,7 @@ def measure(name: str, pools, repeats: int, gate: tuning.Gate) -> dict:
         two.append(_timed(pools[2], sensitivity.split_tasks(task, 2), task.units))
     t1, t2 = (statistics.median(wall for wall, _ in runs) for runs in (one, two))
     c1, c2 = (statistics.median(cpu for _, cpu in runs) for runs in (one, two))
+    methods = _methods(pools[1], task) if recipe == "static" else {}
     start = time.perf_counter()
     try:
         result = tuning.tune_int8(model, loader, held, gate=gate, calibration_batches=len(loader),
@@ -103,7 +108,18 @@ def measure(name: str, pools, repeats: int, gate: tuning.Gate) -> dict:
     except GateNotMetError as exc:
         tuned = f"failed: {str(exc)[:120]}"
     return {"recipe": recipe, "units": len(task.units), "wall_1": t1, "wall_2": t2,
-            "cpu_1": c1, "cpu_2": c2, "tuning_s": time.perf_counter() - start, "tuned": tuned}
+            "cpu_1": c1, "cpu_2": c2, "tuning_s": time.perf_counter() - start, "tuned": tuned,
+            **methods}
+
+
+def _methods(pool, task) -> dict:
+    """CPU seconds of the pass simulated and with a real conversion per unit, and the largest
+    difference between their SQNRs (finite ones)."""
+    (simulated, cpu_sim), (converted, cpu_convert) = pool.map(
+        _run_counted, [task, dataclasses.replace(task, method="convert")], chunksize=1)
+    gaps = [abs(a.sqnr_db - b.sqnr_db) for a, b in zip(simulated, converted)
+            if math.isfinite(a.sqnr_db) and math.isfinite(b.sqnr_db)]
+    return {"cpu_simulate": cpu_sim, "cpu_convert": cpu_convert, "max_gap_db": max(gaps)}
 
 
 def _row(name: str, f: dict) -> str:
@@ -137,6 +153,9 @@ def main(argv=None) -> int:
             figures[f"{name}_wall_ratio"] = found["wall_2"] / found["wall_1"]
             figures[f"{name}_cpu_ratio"] = found["cpu_2"] / found["cpu_1"]
             figures[f"{name}_tuning_s"] = found["tuning_s"]
+            for key in ("cpu_simulate", "cpu_convert", "max_gap_db"):
+                if key in found:
+                    figures[f"{name}_{key}"] = found[key]
     finally:
         for pool in pools.values():
             pool.terminate()
