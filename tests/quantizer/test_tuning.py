@@ -3,6 +3,7 @@ conversions, exact rebuilds of every recipe, the search, its gate, budget and ch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -271,6 +272,16 @@ def test_chunks_in_two_processes_merge_to_the_one_process_result(prelu_cnn, cali
         chunks = pool.map(sensitivity.run_sensitivity, parts)
     merged = sensitivity.merge_sensitivity(chunks[::-1], task.units)
     assert [(m.name, m.sqnr_db) for m in merged] == [(w.name, w.sqnr_db) for w in whole]
+
+
+def test_a_chunk_out_of_budget_reports_its_units_unmeasured_and_they_rank_last(prelu_cnn,
+                                                                              calibrated, digits):
+    task = sensitivity.task_for("static", prelu_cnn, digits["x_test"][:32], prepared=calibrated)
+    late = sensitivity.run_sensitivity(dataclasses.replace(task, budget_s=0.0))
+    assert [item.sqnr_db for item in late] == [None] * len(task.units)
+    measured = sensitivity.LayerSensitivity("features.2", 30.0, 9248, 0.1)
+    assert sensitivity.ranked(late[:2] + [measured])[0] is measured
+    assert json.dumps([item.to_json() for item in late], allow_nan=False)
 
 
 def test_merge_rejects_a_unit_of_another_model():
