@@ -1,9 +1,9 @@
 """The ``quantize-all`` command: a thin click layer over ``jobs.driver`` and ``jobs.verify``.
 
 Each mode calls one library function and maps typed errors to SPEC.md's exit codes:
-0 ok / up to date, 1 a model failed, 2 bad usage or zoo file, 3 DEST is locked, 4 Ray or the store
-unreachable. Human text goes to stderr when ``--json`` owns stdout. The only module importing click;
-torch and Ray are imported only when there is work for them.
+0 ok / up to date, 1 a model failed, 2 bad usage or zoo file, 3 DEST is locked (or this run lost its
+lock), 4 Ray or the store unreachable. Human text goes to stderr when ``--json`` owns stdout. The
+only module importing click; torch and Ray are imported only when there is work for them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from jobs.lock import LockLostError
 from jobs.store import LockHeldError, StoreError
 from jobs.zoo import BACKENDS, PRECISIONS, ZooError, load_zoo
 
@@ -99,7 +100,7 @@ def _run(spec, out, address, num_cpus, max_retries, force, as_json, human) -> in
     except KeyboardInterrupt:
         raise ExitError("interrupted: what finished is recorded in the manifest; run the same "
                         "command again to convert the rest", 130) from None
-    except LockHeldError as e:
+    except (LockHeldError, LockLostError) as e:
         raise ExitError(str(e), 3) from None
     except (StoreError, driver.RayUnavailableError) as e:
         raise ExitError(str(e), 4) from None
