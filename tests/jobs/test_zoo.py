@@ -220,6 +220,10 @@ def test_file_shape_problems(tmp_path, text, expected):
     ({"name": "'a/b'"}, "name", "'a/b' is not a valid name; allowed: letters"),
     ({"name": "'..'"}, "name", "'..' is not a valid name"),
     ({"name": "'.'"}, "name", "'.' is not a valid name"),
+    # the store owns dot-names: a model '.tmp-x' would be swept as a temporary by every run
+    ({"name": "'.tmp-x'"}, "name", "'.tmp-x' is not a valid name; allowed: letters, digits, "
+                                   "'.', '_', '-', not starting with '.'"),
+    ({"name": "'.hidden'"}, "name", "'.hidden' is not a valid name"),
     ({"name": "'a b'"}, "name", "'a b' is not a valid name"),
     ({"name": "[a]"}, "name", "['a'] is not a valid name"),
     ({"name": "7"}, "name", "7 is not a valid name"),
