@@ -91,6 +91,7 @@ def main(zoo, out, precision, backend, calibration_batches, only, address, num_c
 
 def _run(spec, out, address, num_cpus, max_retries, force, as_json, human) -> int:
     from jobs import driver
+    from jobs.manifest import ManifestError
     from jobs.summary import format_table, summary_json
 
     opts = driver.RunOptions(out=out, address=address, num_cpus=num_cpus,
@@ -102,10 +103,12 @@ def _run(spec, out, address, num_cpus, max_retries, force, as_json, human) -> in
                         "command again to convert the rest", 130) from None
     except (LockHeldError, LockLostError) as e:
         raise ExitError(str(e), 3) from None
+    except ManifestError as e:      # a non-finite number reached the writer: nothing written
+        raise ExitError(str(e), 1) from None
     except (StoreError, driver.RayUnavailableError) as e:
         raise ExitError(str(e), 4) from None
     if as_json:
-        click.echo(json.dumps(summary_json(result), indent=1))
+        click.echo(json.dumps(summary_json(result), indent=1, allow_nan=False))
     click.echo(format_table(result.rows), file=human)
     counts = result.counts
     click.echo(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
@@ -126,7 +129,7 @@ def _dry_run(spec, out, force, as_json, human) -> int:
     plan = [{"name": u.spec.name, "precision": u.precision, "action": u.action,
              "reason": u.reason, "key": u.key} for u in units]
     if as_json:
-        click.echo(json.dumps({"dry_run": True, "plan": plan}, indent=1))
+        click.echo(json.dumps({"dry_run": True, "plan": plan}, indent=1, allow_nan=False))
     for p in plan:
         click.echo(f"{p['action']:<8} {p['name']:<24} {p['precision']:<5} {p['reason']}", file=human)
     n = sum(p["action"] == "convert" for p in plan)
@@ -143,7 +146,8 @@ def _verify(out, only, as_json, human) -> int:
         raise ExitError(str(e), 4) from None
     bad = [r for r in results if not r["ok"]]
     if as_json:
-        click.echo(json.dumps({"verify": results, "problems": len(bad)}, indent=1))
+        click.echo(json.dumps({"verify": results, "problems": len(bad)}, indent=1,
+                              allow_nan=False))
     for r in results:
         status = "ok" if r["ok"] else f"FAILED: {r['problem']}"
         click.echo(f"{r['name']:<24} {r['precision']:<5} {status}", file=human)
