@@ -23,7 +23,7 @@ Examples:
   quantize-all zoo.yaml -o ./artifacts --precision int8 --backend qnnpack --only 'resnet*'
   quantize-all zoo.yaml -o s3://bucket/zoo --address ray://head:10001 --json
   quantize-all zoo.yaml -o ./artifacts --dry-run      # what would be converted, and why
-  quantize-all zoo.yaml -o ./artifacts --verify       # check every artifact against the manifest
+  quantize-all zoo.yaml -o ./artifacts --verify       # check every artifact (manifest and zoo)
   ray job submit --address http://HEAD:8265 --working-dir . -- \\
       quantize-all zoo.yaml --out s3://bucket/zoo
 
@@ -61,7 +61,8 @@ class ExitError(click.ClickException):
 @click.option("--force", is_flag=True, help="Convert even what is up to date.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (convert / skip, and why); change nothing.")
 @click.option("--verify", is_flag=True,
-              help="Convert nothing; check every artifact in DEST against the manifest.")
+              help="Convert nothing; check every artifact in DEST against the manifest, and "
+                   "its recipe against the zoo before loading it.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the run summary as JSON on stdout (human text goes to stderr).")
 @click.option("--allow-unsafe-pickle", is_flag=True,
@@ -77,7 +78,7 @@ def main(zoo, out, precision, backend, calibration_batches, only, address, num_c
     """
     human = sys.stderr if as_json else sys.stdout
     if verify:
-        sys.exit(_verify(out, only, as_json, human))
+        sys.exit(_verify(zoo, out, only, allow_unsafe_pickle, as_json, human))
     try:
         spec = load_zoo(zoo, precisions=precision or None, backend=backend,
                         calibration_batches=calibration_batches, only=only or None,
@@ -137,11 +138,15 @@ def _dry_run(spec, out, force, as_json, human) -> int:
     return 0
 
 
-def _verify(out, only, as_json, human) -> int:
+def _verify(zoo, out, only, allow_unsafe_pickle, as_json, human) -> int:
     from jobs.verify import verify_store
 
+    try:   # the whole file, not the --only selection: it says which factory each model may use
+        spec = load_zoo(zoo, allow_unsafe_pickle=allow_unsafe_pickle)
+    except ZooError as e:
+        raise ExitError(str(e), 2) from None
     try:
-        results = verify_store(out, tuple(only))
+        results = verify_store(spec, out, tuple(only))
     except StoreError as e:
         raise ExitError(str(e), 4) from None
     bad = [r for r in results if not r["ok"]]
