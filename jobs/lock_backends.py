@@ -1,5 +1,5 @@
-"""Where DEST's lock lives: a local file under ``flock``, an S3 object with conditional writes, or
-an advisory object on other stores. ``jobs.lock`` decides *when* to take or drop the lock; these
+"""Where DEST's lock lives: a local file under ``flock``, an S3 object with conditional writes
+(``jobs.lock_s3``), or an advisory object on other stores. ``jobs.lock`` decides *when* to take or drop the lock; these
 classes only make each step a compare-and-swap on the store.
 
 Every backend offers the same six steps. ``create(blob)`` takes the lock if nobody holds it.
@@ -20,10 +20,9 @@ are judged by ``jobs.lock`` from their heartbeat. A local DEST shared between ho
 needs a filesystem whose ``flock`` is cluster-wide (NFSv4, or NFSv3 with NLM, not ``nolock`` or
 ``local_lock=flock``); otherwise use an object store.
 
-S3 (with boto3): ``PUT If-None-Match: *`` creates, ``PUT If-Match: <etag>`` takes over or
-refreshes, ``DELETE If-Match`` releases; S3 answers a loser 412. Other object stores, or S3
-without boto3: advisory (check, PUT, settle ``ADVISORY_SETTLE_S``, read back), which two runs
-starting within that window can both pass. Must not import ray or click.
+S3 (with boto3): conditional writes, in ``jobs.lock_s3``. Other object stores, or S3 without
+boto3: advisory (check, PUT, settle ``ADVISORY_SETTLE_S``, read back), which two runs starting
+within that window can both pass. Must not import ray or click.
 """
 
 from __future__ import annotations
@@ -33,10 +32,9 @@ import fcntl
 import json
 import os
 import time
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from jobs.lock_identity import process_alive, same_kernel
-from jobs.store import LOCK_NAME, Store, StoreError, TransientStoreError, redact_text
+from jobs.store import LOCK_NAME, Store, StoreError
 
 ADVISORY_SETTLE_S = 1.0
 # The local lock's bytes are padded to this size, so a heartbeat rewrites them in one pwrite of
@@ -53,6 +51,8 @@ def backend_for(store: Store):
             import boto3  # noqa: F401  (optional: only the strict S3 lock needs it)
         except ImportError:
             return AdvisoryBackend(store)
+        from jobs.lock_s3 import S3Backend
+
         return S3Backend(store)
     return AdvisoryBackend(store)
 
@@ -184,127 +184,6 @@ def _write(fd: int, blob: bytes) -> bytes:
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-class S3Backend:
-    """Conditional writes through boto3 (pyarrow's S3 client cannot send If-None-Match)."""
-
-    mode = "s3-conditional"
-
-    def __init__(self, store: Store):
-        self.store = store
-        self.bucket, _, self.key = store.path(LOCK_NAME).partition("/")
-        self.client = _s3_client(store)
-        self.etag: str | None = None
-
-    def create(self, blob: bytes) -> bool:
-        return self._put(blob, IfNoneMatch="*")
-
-    def read(self) -> tuple[dict | None, str | None]:
-        try:
-            got = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key)
-        except NotFound:
-            return None, None
-        return parse_holder(got["Body"].read()), got["ETag"]
-
-    def alive(self, holder: dict) -> bool | None:
-        return process_alive(holder)
-
-    def take_over(self, token: str | None, blob: bytes) -> bool:
-        return token is not None and self._put(blob, IfMatch=token)
-
-    def refresh(self, blob: bytes) -> bool:
-        if self.etag is None:
-            return False
-        try:
-            if self._put(blob, IfMatch=self.etag):
-                return True
-        except NotFound:
-            pass                              # deleted behind our back
-        self.etag = None
-        return False
-
-    def check(self) -> bool:
-        try:
-            got = self._call(self.client.head_object, Bucket=self.bucket, Key=self.key)
-        except NotFound:
-            return False
-        return self.etag is not None and got["ETag"] == self.etag
-
-    def release(self) -> None:
-        etag, self.etag = self.etag, None
-        if etag is None:
-            return
-        try:
-            self._call(self.client.delete_object, Bucket=self.bucket, Key=self.key, IfMatch=etag)
-        except (Precondition, NotFound):
-            pass                              # someone else's lock now, or already gone
-        except StoreError as e:
-            if "NotImplemented" not in str(e):
-                raise
-            _, current = self.read()          # a store without conditional deletes
-            if current == etag:
-                self._call(self.client.delete_object, Bucket=self.bucket, Key=self.key)
-
-    def close(self) -> None:
-        self.etag = None
-
-    def _put(self, blob: bytes, **condition) -> bool:
-        try:
-            got = self._call(self.client.put_object, Bucket=self.bucket, Key=self.key,
-                             Body=blob, ContentType="application/json", **condition)
-        except Precondition:
-            return False
-        self.etag = got["ETag"]
-        return True
-
-    def _call(self, fn, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(**kwargs)
-        except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code"))
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                raise Precondition() from None
-            if code in ("NoSuchKey", "404") or status == 404 and code != "NoSuchBucket":
-                raise NotFound() from None
-            kind = TransientStoreError if status and status >= 500 else StoreError
-            raise kind(f"output store {self.store.display}: lock {LOCK_NAME}: "
-                       f"{redact_text(str(e))}") from None
-        except BotoCoreError as e:
-            raise TransientStoreError(f"output store {self.store.display}: lock {LOCK_NAME}: "
-                                      f"{redact_text(str(e))}") from None
-
-
-class Precondition(Exception):
-    """S3 refused a conditional write: the lock is not what the condition named."""
-
-
-class NotFound(Exception):
-    """S3 has no ``.lock`` object (never created, released, or deleted by someone)."""
-
-
-def _s3_client(store: Store):
-    """A boto3 S3 client with the same endpoint, region and credentials as the store's URI."""
-    import boto3
-    from botocore.config import Config
-
-    parts = urlsplit(store.uri)
-    query = dict(parse_qsl(parts.query))
-    endpoint = query.get("endpoint_override")
-    if endpoint and "://" not in endpoint:
-        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
-    creds = {}
-    if parts.username:
-        creds = {"aws_access_key_id": unquote(parts.username),
-                 "aws_secret_access_key": unquote(parts.password or "")}
-    region = query.get("region") or getattr(store.fs, "region", None) or None
-    # endpoint None: boto3 reads AWS_ENDPOINT_URL(_S3) itself, as pyarrow does
-    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5,
-                    read_timeout=20)
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config, **creds)
 
 
 class AdvisoryBackend:
