@@ -38,15 +38,17 @@ def publish(dest, name: str) -> dict:
                      artifact_uri=(folder / "model.pt").as_uri())
 
 
-def tamper(dest, row: dict, **recipe) -> dict:
-    """What someone who can write DEST does: rewrite both recipes and the manifest's hashes."""
+def tamper(dest, row: dict, *, recipe_json: bool = True, **recipe) -> dict:
+    """What someone who can write DEST does: rewrite the recipes (``model.pt``'s, and
+    ``recipe.json`` unless told not to) and the manifest's hashes."""
     folder = dest / "artifacts" / row["name"] / "fp16" / "k1"
     payload = torch.load(folder / "model.pt", weights_only=True)
     payload["recipe"].update(recipe)
     buf = io.BytesIO()
     torch.save(payload, buf)
     (folder / "model.pt").write_bytes(buf.getvalue())
-    (folder / "recipe.json").write_text(json.dumps(payload["recipe"]))
+    if recipe_json:
+        (folder / "recipe.json").write_text(json.dumps(payload["recipe"]))
     files = [dict(f, **dict(zip(("sha256", "bytes"), file_digest(folder / f["path"]))))
              for f in row["files"]]
     return dict(row, files=files)
@@ -67,7 +69,7 @@ def test_an_untouched_artifact_verifies(tmp_path):
         {"name": "mlp", "precision": "fp16", "ok": True, "problem": None}]
 
 
-@pytest.mark.parametrize("case", ["other-factory", "other-kwargs"])
+@pytest.mark.parametrize("case", ["other-factory", "other-kwargs", "model-pt-only"])
 def test_a_recipe_naming_other_code_is_refused_before_any_import(tmp_path, case):
     dest, marker = tmp_path / "dest", tmp_path / "PWNED"
     recipe, words = {
@@ -77,6 +79,10 @@ def test_a_recipe_naming_other_code_is_refused_before_any_import(tmp_path, case)
                           "names factory 'subprocess:check_call' with kwargs {\"args\""),
         # the zoo's factory with other kwargs builds another model than the zoo says
         "other-kwargs": ({"kwargs": {"hidden": 16, "layers": 3}}, '"layers": 3'),
+        # recipe.json left as it was: load_artifact rebuilds from the recipe inside model.pt
+        "model-pt-only": ({"recipe_json": False, "factory": "subprocess:check_call",
+                           "kwargs": {"args": ["touch", str(marker)]}},
+                          "model.pt: refused without importing anything"),
     }[case]
     code, report = verify(tmp_path, dest, [tamper(dest, publish(dest, "mlp"), **recipe)])
     assert code == 1 and report["problems"] == 1
