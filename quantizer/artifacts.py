@@ -22,8 +22,8 @@ import pyarrow.fs as pafs
 import torch
 from torch import nn
 
-from quantizer.checkpoints import (brief_error, build_model, file_digest, import_factory,
-                                   load_strict, read_bytes, weights_only_load)
+from quantizer.checkpoints import build_model, file_digest, import_factory, load_strict, read_bytes
+from quantizer.formats import brief_error, weights_only_load
 from quantizer.errors import ArtifactError, CheckpointError, QuantizerError
 from quantizer.fidelity import flatten_outputs
 
