@@ -149,8 +149,8 @@ def _rebuild(recipe: Mapping[str, Any], name: str) -> nn.Module:
     from quantizer import int8        # lazily: only int8 artifacts need torch.ao
     example = torch.zeros([1, *recipe["input_shape"]], dtype=getattr(torch, dtype))
     try:
-        return int8.rebuild_int8(model, (example,), recipe.get("backend", "fbgemm"),
-                                 recipe.get("observer", "default"))
+        settings = recipe.get("int8") or {k: recipe[k] for k in ("backend", "observer") if k in recipe}
+        return int8.rebuild_int8(model, (example,), settings)
     except QuantizerError as exc:      # a recipe this torch cannot rebuild is a bad artifact here
         raise ArtifactError(f"{name}: cannot rebuild the int8 graph: {exc}") from exc
 
