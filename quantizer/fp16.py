@@ -8,7 +8,7 @@ A finite fp32 parameter or buffer beyond fp16's range (|x| > 65504) would silent
    are rewritten as mean 0 / var 1 and absorbed into weight and bias, an exactly equivalent affine
    (``y = x * w / sqrt(var + eps) + b - mean * w / sqrt(var + eps)``); works wherever the BN sits,
    e.g. after a ReLU where folding into the preceding conv is impossible;
-2. a BatchNorm without affine weights to absorb them: its kernels take an fp16 input with fp32
+2. a BatchNorm without affine weights to absorb them: batch_norm takes an fp16 input with fp32
    statistics, so the module's tensors stay float32 (``kept_float32``). Not InstanceNorm: its
    mixed-dtype CPU path loses accuracy on large inputs (errors of 25 % measured); nor LayerNorm
    or GroupNorm, whose weights beyond fp16's range would overflow their fp16 outputs anyway;
@@ -34,7 +34,8 @@ FP16_MAX = float(torch.finfo(torch.float16).max)       # 65504
 BATCHNORM_TO_AFFINE = "batchnorm_stats_to_affine"
 KEPT_FLOAT32 = "kept_float32"
 ACTIONS = (BATCHNORM_TO_AFFINE, KEPT_FLOAT32)
-# its CPU and CUDA kernels take a float16 input with float32 weights and statistics, accurately
+# its kernels take a float16 input with float32 weights and statistics (measured accurate on CPU;
+# CUDA's batch_norm has the same mixed-type path, not measured here: no GPU in this project's CI)
 _MIXED_DTYPE_OK = (nn.modules.batchnorm._BatchNorm,)
 
 
