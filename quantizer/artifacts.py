@@ -63,14 +63,15 @@ def _stored_recipe(model: nn.Module, recipe: Mapping[str, Any], folder: str) -> 
     carried = {key: json.loads(_json_text(getattr(model, attr), folder)) for key, attr in
                (("int8", "int8_settings"), ("fp16_adjustments", "fp16_adjustments"))
                if getattr(model, attr, None) is not None}
-    settings = carried.get("int8", {})
-    given = {**{k: recipe[k] for k in ("backend", "observer") if k in recipe and k in settings},
-             **{k: recipe[k] for k in carried if k in recipe}}
-    wanted = {**{k: settings[k] for k in ("backend", "observer") if k in given}, **carried}
-    clash = [k for k in given if json.loads(_json_text(given[k], folder)) != wanted[k]]
+    expected = dict(carried)
+    for key in ("backend", "observer"):       # top-level copies of the int8 settings' values
+        if key in carried.get("int8", {}):
+            expected[key] = carried["int8"][key]
+    clash = [k for k in expected if k in recipe
+             and json.loads(_json_text(recipe[k], folder)) != expected[k]]
     if clash:
         raise ArtifactError(f"{folder}: the recipe's {', '.join(clash)} disagree with the model's "
-                            f"({', '.join(f'{k}={wanted[k]!r}' for k in clash)})")
+                            f"({', '.join(f'{k}={expected[k]!r}' for k in clash)})")
     return json.loads(_json_text({**recipe, **carried}, folder))
 
 

@@ -4,7 +4,6 @@ metadata, safetensors files under any name, and files saved from CUDA tensors.""
 from __future__ import annotations
 
 import io
-import warnings
 
 import pytest
 import torch
