@@ -68,7 +68,7 @@ def _check_row(store: Store, row: dict, spec: ModelSpec | None, zoo_path: str) -
     if problem:
         return problem
     try:
-        return _run_sample(folder, files)
+        return _run_sample(folder, files, spec)
     except Exception as e:  # any reload failure is this row's problem, not the run's
         return f"{folder}/{ARTIFACT_FILE} does not reload: {type(e).__name__}: {e}"
 
@@ -121,7 +121,7 @@ def _recipe_problem(folder: str, files: dict[str, bytes], spec: ModelSpec,
 
 def _embedded_recipe(model_pt: bytes):
     """The recipe inside ``model.pt``: what ``load_artifact`` would rebuild from (weights only)."""
-    from quantizer.checkpoints import weights_only_load
+    from quantizer.formats import weights_only_load
 
     payload = weights_only_load(model_pt)
     return payload.get("recipe") if isinstance(payload, dict) else None
@@ -131,7 +131,7 @@ def _canonical(kwargs) -> str:
     return json.dumps(kwargs, sort_keys=True, default=repr)
 
 
-def _run_sample(folder: str, files: dict[str, bytes]) -> str | None:
+def _run_sample(folder: str, files: dict[str, bytes], spec: ModelSpec) -> str | None:
     import torch
 
     import quantizer
@@ -143,7 +143,8 @@ def _run_sample(folder: str, files: dict[str, bytes]) -> str | None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with open(target, "wb") as f:
                 f.write(data)
-        model = quantizer.load_artifact(private)
+        # pinned: the library refuses another factory or kwargs too, before importing them
+        model = quantizer.load_artifact(private, factory=spec.factory, kwargs=dict(spec.kwargs))
     recipe = json.loads(files.get(RECIPE_FILE) or b"{}")
     shape = recipe.get("input_shape")
     if not shape:

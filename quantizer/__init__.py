@@ -14,6 +14,7 @@ from quantizer.errors import (  # noqa: F401  (re-exported)
     CheckpointError,
     CheckpointKeysError,
     ConfigError,
+    ConversionError,
     FactoryError,
     FidelityError,
     InputShapeError,
@@ -28,7 +29,8 @@ from quantizer.int8 import BACKENDS, OBSERVERS, quantized_fraction, to_int8
 from quantizer.calibration import CalibrationData, read_calibration, write_calibration
 from quantizer.checkpoints import import_factory, load_model
 from quantizer.artifacts import load_artifact, save_artifact
-from quantizer.fidelity import measure_latency_ms, sqnr_db, top1_agreement
+from quantizer.fidelity import (measure_latency_ms, sqnr_db, sqnr_db_per_output, top1_agreement,
+                                top1_output)
 
 __all__ = [
     # conversions: one verb per precision
@@ -48,11 +50,14 @@ __all__ = [
     "load_artifact",
     # fidelity of a converted model against its fp32 source
     "sqnr_db",
+    "sqnr_db_per_output",
+    "top1_output",
     "top1_agreement",
     "measure_latency_ms",
     # errors
     "QuantizerError",
     "ConfigError",
+    "ConversionError",
     "CalibrationError",
     "TraceError",
     "InputShapeError",

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantizer import tracing
 from quantizer.errors import CalibrationError, ConfigError, InputShapeError, TraceError
 
 with warnings.catch_warnings():
@@ -113,17 +114,21 @@ def _user_frame(root: nn.Module, tb: Any) -> str:
     return f" at {where}: `{source}`" if source else f" at {where}"
 
 
-def _prepare(fp32: nn.Module, example: tuple, backend: str, observer: str) -> torch.fx.GraphModule:
+def _prepare(fp32: nn.Module, example: tuple, backend: str, observer: str,
+             forward_kwargs: dict | None = None) -> torch.fx.GraphModule:
+    forward_kwargs = tracing.check_forward_kwargs(fp32, forward_kwargs or {})
     try:
         with _quiet_ao():
-            return prepare_fx(fp32, _qconfig_mapping(backend, observer), example_inputs=example)
+            root = tracing.trace_fixed(fp32, forward_kwargs) if forward_kwargs else fp32
+            return prepare_fx(root, _qconfig_mapping(backend, observer), example_inputs=example)
     except Exception as exc:  # torch.fx raises many types while tracing; all mean "cannot trace"
         where = _user_frame(fp32, exc.__traceback__)
+        cause = tracing.fixed_kwargs_advice(fp32, len(example), forward_kwargs)
+        advice = cause or (". Restructure the model so forward has no data-dependent control "
+                           "flow (no if/for/while on tensor values), or convert it to fp16 instead")
         raise TraceError(
             f"torch.fx cannot trace {type(fp32).__name__} for int8 quantization{where} "
-            f"({type(exc).__name__}: {exc}). Restructure the model so forward has no "
-            "data-dependent control flow (no if/for/while on tensor values), or convert it to "
-            "fp16 instead."
+            f"({type(exc).__name__}: {exc}){advice}."
         ) from exc
 
 
@@ -171,12 +176,19 @@ def _forward_error(exc: RuntimeError, model: nn.Module, inputs: tuple, index: in
         "Supply inputs shaped as the model expects (the zoo's calibration shape).")
 
 
-def _calibrate(prepared: nn.Module, model: nn.Module, batches: Iterable[tuple]) -> int:
+def _calibrate(prepared: nn.Module, model: nn.Module, batches: Iterable[tuple],
+               forward_kwargs: dict | None = None) -> int:
     used = 0
     with torch.no_grad():
         for inputs in batches:
             try:
-                prepared(*inputs)
+                prepared(*inputs, **(forward_kwargs or {}))
+            except (AttributeError, TypeError) as exc:   # an observer met a Python scalar
+                cause = tracing.fixed_kwargs_advice(model, len(inputs), forward_kwargs or {})
+                if not cause:
+                    raise
+                raise TraceError(f"{type(model).__name__} traced for int8, but calibration failed "
+                                 f"({type(exc).__name__}: {exc}){cause}.") from exc
             except RuntimeError as exc:
                 error = _forward_error(exc, model, inputs, used + 1)
                 if error is exc:
@@ -213,9 +225,15 @@ def _check_scales(converted: nn.Module, model_name: str) -> None:
                                f"scales in {', '.join(bad)}; check the calibration data's range")
 
 
-def _labelled(graph: torch.fx.GraphModule, used: int, backend: str, observer: str):
+SETTINGS_FIELDS = ("recipe", "backend", "observer", "forward_kwargs")
+
+
+def _labelled(graph: torch.fx.GraphModule, used: int, backend: str, observer: str,
+              forward_kwargs: dict | None = None):
     # what produced it travels with the module (state_dict does not carry these)
     graph.calibration_batches_used, graph.backend, graph.observer = used, backend, observer
+    graph.int8_settings = {"recipe": "static", "backend": backend, "observer": observer,
+                           "forward_kwargs": dict(forward_kwargs or {})}
     return graph
 
 
@@ -225,6 +243,8 @@ def to_int8(
     calibration_batches: int = 10,
     backend: str = "fbgemm",
     observer: str = "default",
+    *,
+    forward_kwargs: dict | None = None,
 ) -> torch.fx.GraphModule:
     """Post-training static int8 quantization in FX graph mode, calibrated on real data.
 
@@ -236,15 +256,21 @@ def to_int8(
         backend: ``fbgemm`` (x86 servers), ``qnnpack`` (ARM) or ``x86``.
         observer: ``default`` (the backend's default qconfig, histogram activations) or
             ``minmax`` (min/max activations, per-channel weights: faster calibration).
+        forward_kwargs: fixed keyword arguments of ``forward`` (JSON scalars, e.g.
+            ``{"embed": False}``): FX traces them as ``concrete_args`` and every calibration call
+            passes them. The result still accepts them by name and asserts their value.
 
     Returns:
-        The converted ``GraphModule``, with attributes ``calibration_batches_used``, ``backend``
-        and ``observer``. Run it after ``set_engine(backend)``.
+        The converted ``GraphModule``, with attributes ``calibration_batches_used``, ``backend``,
+        ``observer`` and ``int8_settings`` (the JSON-able dict ``rebuild_int8`` rebuilds it
+        from). Run it after ``set_engine(backend)``.
 
     Raises:
-        ConfigError: ``calibration_batches < 1``, unknown backend or observer.
+        ConfigError: ``calibration_batches < 1``, unknown backend or observer, a forward_kwargs
+            name forward lacks or a value that is not a JSON scalar.
         CalibrationError: empty loader, NaN/Inf inputs, non-finite quantization scales.
-        TraceError: torch.fx cannot trace the model.
+        TraceError: torch.fx cannot trace the model (the advice names ``forward_kwargs`` when
+            fixing forward's non-tensor arguments would make it traceable).
         InputShapeError: the model rejects the calibration inputs' shape.
 
     Warns:
@@ -259,10 +285,10 @@ def to_int8(
             "(inputs, targets) batch of representative data")
     example = _as_inputs(first, 1)
     set_engine(backend)
-    prepared = _prepare(copy.deepcopy(model).eval(), example, backend, observer)
+    prepared = _prepare(copy.deepcopy(model).eval(), example, backend, observer, forward_kwargs)
     rest = (_as_inputs(batch, index) for index, batch in
             enumerate(itertools.islice(batches, calibration_batches - 1), start=2))
-    used = _calibrate(prepared, model, itertools.chain([example], rest))
+    used = _calibrate(prepared, model, itertools.chain([example], rest), forward_kwargs)
     if used < calibration_batches:
         warnings.warn(CalibrationWarning(
             f"calibrated {type(model).__name__} on {used} of {calibration_batches} requested "
@@ -271,40 +297,48 @@ def to_int8(
     with _quiet_ao():
         converted = convert_fx(prepared)
     _check_scales(converted, type(model).__name__)
-    return _labelled(converted, used, backend, observer)
+    return _labelled(converted, used, backend, observer, forward_kwargs)
 
 
-def rebuild_int8(
-    model: nn.Module,
-    example_inputs: Any,
-    backend: str = "fbgemm",
-    observer: str = "default",
-) -> torch.fx.GraphModule:
+def _settings(settings: dict) -> tuple[str, str, dict]:
+    unknown = sorted(set(settings) - set(SETTINGS_FIELDS))
+    if unknown:
+        raise ConfigError(f"int8 settings hold unknown fields {', '.join(unknown)} (known: "
+                          f"{', '.join(SETTINGS_FIELDS)}); written by a newer quantize-all?")
+    if settings.get("recipe", "static") != "static":
+        raise ConfigError(f"int8 recipe {settings['recipe']!r} is not supported here (static)")
+    return (settings.get("backend", "fbgemm"), settings.get("observer", "default"),
+            dict(settings.get("forward_kwargs") or {}))
+
+
+def rebuild_int8(model: nn.Module, example_inputs: Any, settings: dict) -> torch.fx.GraphModule:
     """The uncalibrated int8 skeleton of ``model``, ready to ``load_state_dict`` a saved result.
 
-    Same graph as ``to_int8`` builds (same backend and observer), but with placeholder scales:
-    only meaningful once a converted model's state_dict is loaded into it.
+    Same graph as ``to_int8`` builds from the same settings, but with placeholder scales: only
+    meaningful once a converted model's state_dict (and the state it keeps outside it, see
+    ``quantizer.module_state``) is loaded into it.
 
     Args:
         model: an fp32 model of the same architecture (its weights are irrelevant).
         example_inputs: a tensor or tuple of tensors of the model's input shape.
-        backend: one of ``BACKENDS``.
-        observer: one of ``OBSERVERS``.
+        settings: the result's ``int8_settings`` (``recipe``, ``backend``, ``observer``,
+            ``forward_kwargs``; a missing field takes ``to_int8``'s default).
 
     Returns:
         The converted ``GraphModule`` with ``calibration_batches_used = 0``.
 
     Raises:
-        ConfigError: unknown backend or observer.
+        ConfigError: unknown fields, recipe, backend or observer.
         TraceError: torch.fx cannot trace the model.
     """
+    backend, observer, forward_kwargs = _settings(settings)
     _validate(1, backend, observer)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     set_engine(backend)
-    prepared = _prepare(copy.deepcopy(model).eval(), example, backend, observer)
+    prepared = _prepare(copy.deepcopy(model).eval(), example, backend, observer, forward_kwargs)
     with _quiet_ao(r".*must run observer"):
         skeleton = convert_fx(prepared)
-    return _labelled(skeleton, 0, backend, observer)
+    return _labelled(skeleton, 0, backend, observer, forward_kwargs)
 
 
 def quantized_fraction(converted: nn.Module, fp32_model: nn.Module) -> float:
