@@ -162,7 +162,8 @@ def _measure(fp32, converted, x: torch.Tensor, precision: str) -> dict:
         ref, got = fp32(x), converted(xc)
     out = {
         "sqnr_db": _finite(quantizer.sqnr_db(ref, got)),
-        "top1_agreement": float(quantizer.top1_agreement(ref, got)),
+        "top1_agreement": float(quantizer.top1_agreement(
+            ref, got, output=quantizer.top1_output(ref) or 0)),
         "fidelity_rows": int(x.shape[0]),
     }
     out.update(_latencies(fp32, converted, x[:1], xc[:1]))

@@ -14,6 +14,7 @@ from quantizer.errors import (  # noqa: F401  (re-exported)
     CheckpointError,
     CheckpointKeysError,
     ConfigError,
+    ConversionError,
     FactoryError,
     FidelityError,
     GateNotMetError,
@@ -29,7 +30,8 @@ from quantizer.int8 import BACKENDS, OBSERVERS, quantized_fraction, to_int8, to_
 from quantizer.calibration import CalibrationData, read_calibration, write_calibration
 from quantizer.checkpoints import import_factory, load_model
 from quantizer.artifacts import load_artifact, save_artifact
-from quantizer.fidelity import measure_latency_ms, sqnr_db, top1_agreement
+from quantizer.fidelity import (measure_latency_ms, sqnr_db, sqnr_db_per_output, top1_agreement,
+                                top1_output)
 from quantizer.tuning import Gate, TuningConfig, TuningResult, tune_int8
 
 __all__ = [
@@ -51,6 +53,8 @@ __all__ = [
     "load_artifact",
     # fidelity of a converted model against its fp32 source
     "sqnr_db",
+    "sqnr_db_per_output",
+    "top1_output",
     "top1_agreement",
     "measure_latency_ms",
     # accuracy-gated int8: the fewest layers in float that meet a gate
@@ -61,6 +65,7 @@ __all__ = [
     # errors
     "QuantizerError",
     "ConfigError",
+    "ConversionError",
     "CalibrationError",
     "TraceError",
     "InputShapeError",

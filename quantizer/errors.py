@@ -45,6 +45,11 @@ class UnsafePickleError(CheckpointError):
     """A checkpoint needs full unpickling (it could run code) and that was not allowed."""
 
 
+class ConversionError(QuantizerError):
+    """A conversion cannot give a faithful model, e.g. a weight beyond fp16's range that no
+    rewrite can bring into it (the message names the tensor)."""
+
+
 class ArtifactError(QuantizerError):
     """An artifact file cannot be read back or is not one this tool wrote."""
 

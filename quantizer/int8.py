@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from quantizer import rnn
+from quantizer import rnn, tracing
 from quantizer.errors import CalibrationError, ConfigError, InputShapeError, TraceError
 
 with warnings.catch_warnings():
@@ -42,7 +42,7 @@ BACKENDS = ("fbgemm", "qnnpack", "x86")
 OBSERVERS = ("default", "minmax")
 RECIPES = ("static", "dynamic")
 # the fields of an int8 settings dict (rebuild_int8 refuses any other: an artifact from a newer tool)
-SETTINGS_FIELDS = ("recipe", "backend", "observer", "float_layers")
+SETTINGS_FIELDS = ("recipe", "backend", "observer", "float_layers", "forward_kwargs")
 
 # fbgemm/x86 kernels can overflow 16-bit accumulators with full-range activations; qnnpack cannot.
 _REDUCE_RANGE = {"fbgemm": True, "qnnpack": False, "x86": True}
@@ -125,17 +125,21 @@ def _user_frame(root: nn.Module, tb: Any) -> str:
     return f" at {where}: `{source}`" if source else f" at {where}"
 
 
-def _prepare(fp32: nn.Module, example: tuple, backend: str, observer: str) -> torch.fx.GraphModule:
+def _prepare(fp32: nn.Module, example: tuple, backend: str, observer: str,
+             forward_kwargs: dict | None = None) -> torch.fx.GraphModule:
+    forward_kwargs = tracing.check_forward_kwargs(fp32, forward_kwargs or {})
     try:
         with _quiet_ao():
-            return prepare_fx(fp32, _qconfig_mapping(backend, observer), example_inputs=example)
+            root = tracing.trace_fixed(fp32, forward_kwargs) if forward_kwargs else fp32
+            return prepare_fx(root, _qconfig_mapping(backend, observer), example_inputs=example)
     except Exception as exc:  # torch.fx raises many types while tracing; all mean "cannot trace"
         where = _user_frame(fp32, exc.__traceback__)
+        cause = tracing.fixed_kwargs_advice(fp32, len(example), forward_kwargs)
+        advice = cause or (". Restructure the model so forward has no data-dependent control "
+                           "flow (no if/for/while on tensor values), or convert it to fp16 instead")
         raise TraceError(
             f"torch.fx cannot trace {type(fp32).__name__} for int8 quantization{where} "
-            f"({type(exc).__name__}: {exc}). Restructure the model so forward has no "
-            "data-dependent control flow (no if/for/while on tensor values), or convert it to "
-            "fp16 instead."
+            f"({type(exc).__name__}: {exc}){advice}."
         ) from exc
 
 
@@ -183,12 +187,19 @@ def _forward_error(exc: RuntimeError, model: nn.Module, inputs: tuple, index: in
         "Supply inputs shaped as the model expects (the zoo's calibration shape).")
 
 
-def _calibrate(prepared: nn.Module, model: nn.Module, batches: Iterable[tuple]) -> int:
+def _calibrate(prepared: nn.Module, model: nn.Module, batches: Iterable[tuple],
+               forward_kwargs: dict | None = None) -> int:
     used = 0
     with torch.no_grad():
         for inputs in batches:
             try:
-                prepared(*inputs)
+                prepared(*inputs, **(forward_kwargs or {}))
+            except (AttributeError, TypeError) as exc:   # an observer met a Python scalar
+                cause = tracing.fixed_kwargs_advice(model, len(inputs), forward_kwargs or {})
+                if not cause:
+                    raise
+                raise TraceError(f"{type(model).__name__} traced for int8, but calibration failed "
+                                 f"({type(exc).__name__}: {exc}){cause}.") from exc
             except RuntimeError as exc:
                 error = _forward_error(exc, model, inputs, used + 1)
                 if error is exc:
@@ -248,18 +259,21 @@ def calibrate_int8(
     calibration_batches: int = 10,
     backend: str = "fbgemm",
     observer: str = "default",
+    *,
+    forward_kwargs: dict | None = None,
 ) -> torch.fx.GraphModule:
     """Trace ``model`` with observers and calibrate them: the half of ``to_int8`` done once.
 
     ``convert_int8`` turns the result into int8 models as often as asked (with different layers
-    kept in float) without calibrating again; its ``state_dict`` holds the observers' statistics,
-    so ``prepare_int8(...).load_state_dict(it)`` rebuilds it in another process.
+    kept in float) without calibrating again; ``observer_state(it)`` holds the observers'
+    statistics, so ``load_observer_state(prepare_int8(...), that)`` rebuilds it in another process.
 
     Args: as ``to_int8``.
 
     Returns:
         The calibrated, prepared ``GraphModule`` with ``calibration_batches_used``, ``backend``,
-        ``observer``; run it only through ``convert_int8`` or ``Int8Simulator``.
+        ``observer``, ``forward_kwargs``; run it only through ``convert_int8`` or
+        ``Int8Simulator``.
 
     Raises: as ``to_int8``.
 
@@ -268,10 +282,10 @@ def calibrate_int8(
     """
     _validate(calibration_batches, backend, observer)
     example, batches = _first_batch(model, calibration_loader)
-    prepared = prepare_int8(model, example, backend, observer)
+    prepared = prepare_int8(model, example, backend, observer, forward_kwargs=forward_kwargs)
     rest = (_as_inputs(batch, index) for index, batch in
             enumerate(itertools.islice(batches, calibration_batches - 1), start=2))
-    used = _calibrate(prepared, model, itertools.chain([example], rest))
+    used = _calibrate(prepared, model, itertools.chain([example], rest), prepared.forward_kwargs)
     if used < calibration_batches:
         warnings.warn(CalibrationWarning(
             f"calibrated {type(model).__name__} on {used} of {calibration_batches} requested "
@@ -282,18 +296,21 @@ def calibrate_int8(
 
 
 def prepare_int8(model: nn.Module, example_inputs: Any, backend: str = "fbgemm",
-                 observer: str = "default") -> torch.fx.GraphModule:
+                 observer: str = "default", *,
+                 forward_kwargs: dict | None = None) -> torch.fx.GraphModule:
     """``model`` (deep-copied) traced with uncalibrated observers, as ``calibrate_int8`` starts.
 
     Raises:
-        ConfigError: unknown backend or observer.
+        ConfigError: unknown backend or observer, bad ``forward_kwargs``.
         TraceError: torch.fx cannot trace the model.
     """
     _validate(1, backend, observer)
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     set_engine(backend)
-    prepared = _prepare(copy.deepcopy(model).eval(), example, backend, observer)
+    fixed = tracing.check_forward_kwargs(model, forward_kwargs or {})
+    prepared = _prepare(copy.deepcopy(model).eval(), example, backend, observer, fixed)
     prepared.calibration_batches_used, prepared.backend, prepared.observer = 0, backend, observer
+    prepared.forward_kwargs = fixed
     return prepared
 
 
@@ -331,6 +348,7 @@ def to_int8(
     observer: str = "default",
     *,
     float_layers: Collection[str] = (),
+    forward_kwargs: dict | None = None,
 ) -> torch.fx.GraphModule:
     """Post-training static int8 quantization in FX graph mode, calibrated on real data.
 
@@ -343,15 +361,21 @@ def to_int8(
         observer: ``default`` (the backend's default qconfig, histogram activations) or
             ``minmax`` (min/max activations, per-channel weights: faster calibration).
         float_layers: names from ``fallback_units`` to keep in float (see ``convert_int8``).
+        forward_kwargs: fixed keyword arguments of ``forward`` (JSON scalars, e.g.
+            ``{"embed": False}``): FX traces them as ``concrete_args`` and every calibration call
+            passes them. The result still accepts them by name and asserts their value.
 
     Returns:
         The converted ``GraphModule``, with attributes ``calibration_batches_used``, ``backend``,
-        ``observer`` and ``int8_settings``. Run it after ``set_engine(backend)``.
+        ``observer`` and ``int8_settings`` (the JSON-able dict ``rebuild_int8`` rebuilds it
+        from). Run it after ``set_engine(backend)``.
 
     Raises:
-        ConfigError: ``calibration_batches < 1``, unknown backend, observer or float layer.
+        ConfigError: ``calibration_batches < 1``, unknown backend, observer or float layer, a
+            forward_kwargs name forward lacks or a value that is not a JSON scalar.
         CalibrationError: empty loader, NaN/Inf inputs, non-finite quantization scales.
-        TraceError: torch.fx cannot trace the model.
+        TraceError: torch.fx cannot trace the model (the advice names ``forward_kwargs`` when
+            fixing forward's non-tensor arguments would make it traceable).
         InputShapeError: the model rejects the calibration inputs' shape.
 
     Warns:
@@ -360,7 +384,8 @@ def to_int8(
     _validate(calibration_batches, backend, observer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)   # re-raised below, at our caller
-        prepared = calibrate_int8(model, calibration_loader, calibration_batches, backend, observer)
+        prepared = calibrate_int8(model, calibration_loader, calibration_batches, backend, observer,
+                                  forward_kwargs=forward_kwargs)
     if prepared.calibration_batches_used < calibration_batches:
         warnings.warn(CalibrationWarning(
             f"calibrated {type(model).__name__} on {prepared.calibration_batches_used} of "
@@ -527,7 +552,8 @@ def convert_int8(prepared: torch.fx.GraphModule, float_layers: Collection[str] =
     if prepared.calibration_batches_used:
         _check_scales(converted, model_name)
     settings = {"recipe": "static", "backend": prepared.backend, "observer": prepared.observer,
-                "float_layers": [name for name in units if name in set(float_layers)]}
+                "float_layers": [name for name in units if name in set(float_layers)],
+                "forward_kwargs": dict(getattr(prepared, "forward_kwargs", {}))}
     return _labelled(converted, prepared.calibration_batches_used, settings)
 
 
@@ -773,7 +799,8 @@ def _dynamic_spec(work: nn.Module, floats: set[str]) -> dict[str, Any]:
 
 
 def to_int8_dynamic(model: nn.Module, backend: str = "fbgemm", *,
-                    float_layers: Collection[str] = ()) -> nn.Module:
+                    float_layers: Collection[str] = (),
+                    forward_kwargs: dict | None = None) -> nn.Module:
     """Dynamic int8: Linear/LSTM/GRU weights int8 per channel, activations quantized per batch.
 
     No calibration: activation ranges are measured on each batch as it runs. Suits models whose
@@ -783,6 +810,8 @@ def to_int8_dynamic(model: nn.Module, backend: str = "fbgemm", *,
         model: the fp32 model; deep-copied, never modified.
         backend: one of ``BACKENDS``.
         float_layers: names from ``dynamic_units(model)`` to keep in float.
+        forward_kwargs: the fixed arguments of ``forward`` the model is called with (recorded in
+            the settings; nothing is traced).
 
     Returns:
         The int8 module, with ``calibration_batches_used = 0`` and ``int8_settings``; run it
@@ -804,7 +833,8 @@ def to_int8_dynamic(model: nn.Module, backend: str = "fbgemm", *,
             module.__class__ = _TENSOR_STATE[type(module)]
             module.unregister_packed()
     settings = {"recipe": "dynamic", "backend": backend, "observer": None,
-                "float_layers": [name for name in units if name in set(float_layers)]}
+                "float_layers": [name for name in units if name in set(float_layers)],
+                "forward_kwargs": tracing.check_forward_kwargs(model, forward_kwargs or {})}
     return _labelled(work, 0, settings)
 
 
@@ -815,7 +845,8 @@ def int8_settings(converted: nn.Module) -> dict:
     """The JSON-able settings an int8 result was made with (what ``rebuild_int8`` takes).
 
     Fields: ``recipe`` (``static`` | ``dynamic``), ``backend``, ``observer`` (null for dynamic),
-    ``float_layers`` (unit names kept in float, in model order).
+    ``float_layers`` (unit names kept in float, in model order), ``forward_kwargs`` (the fixed
+    arguments of ``forward`` it was traced and is called with).
     """
     return copy.deepcopy(converted.int8_settings)
 
@@ -825,8 +856,8 @@ def _checked_settings(settings: Mapping[str, Any]) -> dict:
         raise ConfigError(f"int8 settings must be a dict, got {type(settings).__name__}")
     unknown = sorted(set(settings) - set(SETTINGS_FIELDS))
     if unknown:
-        raise ConfigError(f"int8 settings hold unknown field(s) {', '.join(unknown)} (known: "
-                          f"{', '.join(SETTINGS_FIELDS)}): written by a newer quantize-all? "
+        raise ConfigError(f"int8 settings hold unknown fields {', '.join(unknown)} (known: "
+                          f"{', '.join(SETTINGS_FIELDS)}); written by a newer quantize-all? "
                           "Convert the model again with this version")
     recipe = settings.get("recipe", "static")
     if recipe not in RECIPES:
@@ -836,33 +867,38 @@ def _checked_settings(settings: Mapping[str, Any]) -> dict:
         raise ConfigError(f"int8 settings: float_layers must be a list of names, got {floats!r}")
     observer = settings.get("observer") or "default"
     return {"recipe": recipe, "backend": settings.get("backend", "fbgemm"),
-            "observer": observer, "float_layers": floats}
+            "observer": observer, "float_layers": floats,
+            "forward_kwargs": dict(settings.get("forward_kwargs") or {})}
 
 
 def rebuild_int8(model: nn.Module, example_inputs: Any, settings: Mapping[str, Any]) -> nn.Module:
     """The int8 skeleton of ``model`` that a saved result's state_dict loads into, exactly.
 
     Builds the same graph and modules as the conversion that ``settings`` describes (recipe,
-    backend, observer, layers kept float) but with placeholder scales and weights: only
-    meaningful once the converted model's state_dict is loaded into it.
+    backend, observer, layers kept float, fixed forward arguments) but with placeholder scales
+    and weights: only meaningful once the converted model's state_dict (and the state it keeps
+    outside it, see ``quantizer.module_state``) is loaded into it.
 
     Args:
         model: an fp32 model of the same architecture (its weights are irrelevant).
         example_inputs: a tensor or tuple of tensors of the model's input shape.
-        settings: ``int8_settings(converted)`` of the saved result.
+        settings: ``int8_settings(converted)`` of the saved result (a missing field takes the
+            conversion's default).
 
     Returns:
         The int8 module with ``calibration_batches_used = 0``.
 
     Raises:
-        ConfigError: unknown field, recipe, backend, observer or float layer.
+        ConfigError: unknown fields, recipe, backend, observer or float layer.
         TraceError: torch.fx cannot trace the model.
     """
     checked = _checked_settings(settings)
-    name = type(model).__name__
+    name, fixed = type(model).__name__, checked["forward_kwargs"]
     if checked["recipe"] == "dynamic":
-        return to_int8_dynamic(model, checked["backend"], float_layers=checked["float_layers"])
-    prepared = prepare_int8(model, example_inputs, checked["backend"], checked["observer"])
+        return to_int8_dynamic(model, checked["backend"], float_layers=checked["float_layers"],
+                               forward_kwargs=fixed)
+    prepared = prepare_int8(model, example_inputs, checked["backend"], checked["observer"],
+                            forward_kwargs=fixed)
     return convert_int8(prepared, checked["float_layers"], model_name=name)
 
 

@@ -71,6 +71,7 @@ class SensitivityTask:
         reference: the fp32 model's outputs on ``inputs`` (``None``: each chunk computes them).
         method: ``simulate`` or ``convert`` (static; dynamic always converts).
         budget_s: stop starting new units after this many seconds (unmeasured: ``None``).
+        forward_kwargs: fixed keyword arguments of ``forward`` (see ``to_int8``).
     """
 
     recipe: str
@@ -84,6 +85,7 @@ class SensitivityTask:
     reference: Any = None
     method: str = "simulate"
     budget_s: float = math.inf
+    forward_kwargs: dict = dataclasses.field(default_factory=dict)
 
 
 def split_tasks(task: SensitivityTask, chunks: int) -> list[SensitivityTask]:
@@ -101,7 +103,8 @@ def split_tasks(task: SensitivityTask, chunks: int) -> list[SensitivityTask]:
 
 def _static_runner(task: SensitivityTask):
     """(unit -> parameters, unit -> outputs with only that unit quantized)"""
-    prepared = int8.prepare_int8(task.model, task.example_inputs, task.backend, task.observer)
+    prepared = int8.prepare_int8(task.model, task.example_inputs, task.backend, task.observer,
+                                 forward_kwargs=task.forward_kwargs)
     int8.load_observer_state(prepared, task.observer_state)
     if task.method == "simulate":
         simulator = int8.Int8Simulator(prepared, inplace=True)
@@ -118,8 +121,9 @@ def _dynamic_runner(task: SensitivityTask):
 
     def convert(unit):
         others = [name for name in units if name != unit]
+        converted = int8.to_int8_dynamic(task.model, task.backend, float_layers=others)
         with torch.no_grad():
-            return int8.to_int8_dynamic(task.model, task.backend, float_layers=others)(*task.inputs)
+            return converted(*task.inputs, **task.forward_kwargs)
     return units, convert
 
 
@@ -149,7 +153,7 @@ def run_sensitivity(task: SensitivityTask) -> list[LayerSensitivity]:
     reference = task.reference
     if reference is None:
         with torch.no_grad():
-            reference = task.model(*task.inputs)
+            reference = task.model(*task.inputs, **task.forward_kwargs)
     results = []
     for unit in task.units:
         began = time.perf_counter()
@@ -194,24 +198,28 @@ def predicted_sqnr_db(results: Sequence[LayerSensitivity], float_layers: Iterabl
 
 
 def task_for(recipe: str, model: nn.Module, inputs: Any, *, prepared=None, backend: str = "fbgemm",
-             method: str = "simulate", budget_s: float = math.inf) -> SensitivityTask:
+             method: str = "simulate", budget_s: float = math.inf,
+             forward_kwargs: dict | None = None) -> SensitivityTask:
     """The whole pass as one task (``split_tasks`` cuts it into chunks).
 
     Args:
         recipe: ``static`` (then ``prepared`` is the calibrated model) or ``dynamic``.
         model: the fp32 model.
         inputs: held-out positional inputs (a tensor or a tuple of tensors).
-        prepared: ``int8.calibrate_int8``'s result (static).
+        prepared: ``int8.calibrate_int8``'s result (static; its ``forward_kwargs`` are used).
         backend: the dynamic recipe's backend (static takes the prepared model's).
         method, budget_s: as ``SensitivityTask``.
+        forward_kwargs: the dynamic recipe's fixed ``forward`` arguments.
     """
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    fixed = dict(getattr(prepared, "forward_kwargs", None) or forward_kwargs or {})
     with torch.no_grad():
-        reference = model(*args)
+        reference = model(*args, **fixed)
     if recipe == "static":
         example = tuple(t[:1] for t in args)
         return SensitivityTask("static", model, prepared.backend, prepared.observer, example,
                                int8.observer_state(prepared), args,
-                               tuple(int8.fallback_units(prepared)), reference, method, budget_s)
+                               tuple(int8.fallback_units(prepared)), reference, method, budget_s,
+                               fixed)
     return SensitivityTask("dynamic", model, backend, None, (), None, args,
-                           tuple(int8.dynamic_units(model)), reference, "convert", budget_s)
+                           tuple(int8.dynamic_units(model)), reference, "convert", budget_s, fixed)

@@ -185,11 +185,12 @@ class _Search:
     """Trials of one recipe: convert with some layers float, measure, remember the best."""
 
     def __init__(self, recipe: str, convert: Callable, fp32: nn.Module, inputs: tuple,
-                 gate: Gate, config: TuningConfig, targets, deadline: float):
+                 gate: Gate, config: TuningConfig, targets, deadline: float, kwargs: dict):
         self.recipe, self.convert, self.fp32, self.inputs = recipe, convert, fp32, inputs
         self.gate, self.config, self.targets, self.deadline = gate, config, targets, deadline
+        self.kwargs = kwargs
         with torch.no_grad():
-            self.reference = fp32(*inputs)
+            self.reference = fp32(*inputs, **kwargs)
         self.trials: list[Trial] = []
         self.best: tuple[Trial, nn.Module] | None = None
 
@@ -204,7 +205,7 @@ class _Search:
         start = time.perf_counter()
         model = self.convert(tuple(float_layers))
         with torch.no_grad():
-            outputs = model(*self.inputs)
+            outputs = model(*self.inputs, **self.kwargs)
         sqnr = sqnr_db(self.reference, outputs)
         drop = (top1_drop(self.reference, outputs, self.gate, self.targets)
                 if self.gate.max_top1_drop is not None else None)
@@ -322,9 +323,9 @@ def _tune_recipe(search: _Search, task_of: Callable[[float], SensitivityTask],
 
 
 def _static(model, calibration_loader, calibration_batches, backend, observer, make_search,
-            config, map_chunks, inputs):
+            config, map_chunks, inputs, kwargs):
     prepared = int8.calibrate_int8(model, calibration_loader, calibration_batches, backend,
-                                   observer)
+                                   observer, forward_kwargs=kwargs)
     name = type(model).__name__
     search = make_search("static", lambda floats: int8.convert_int8(prepared, floats,
                                                                      model_name=name))
@@ -334,11 +335,12 @@ def _static(model, calibration_loader, calibration_batches, backend, observer, m
     return search, results
 
 
-def _dynamic(model, backend, make_search, config, map_chunks, inputs):
-    search = make_search("dynamic", lambda floats: int8.to_int8_dynamic(model, backend,
-                                                                         float_layers=floats))
+def _dynamic(model, backend, make_search, config, map_chunks, inputs, kwargs):
+    search = make_search("dynamic", lambda floats: int8.to_int8_dynamic(
+        model, backend, float_layers=floats, forward_kwargs=kwargs))
     results = _tune_recipe(search, lambda budget: sensitivity.task_for(
-        "dynamic", model, inputs, backend=backend, budget_s=budget), config, map_chunks)
+        "dynamic", model, inputs, backend=backend, budget_s=budget, forward_kwargs=kwargs),
+        config, map_chunks)
     return search, results
 
 
@@ -420,6 +422,7 @@ def tune_int8(
     calibration_batches: int = 10,
     backend: str = "fbgemm",
     observer: str = "default",
+    forward_kwargs: dict | None = None,
     map_chunks: MapChunks | None = None,
 ) -> TuningResult:
     """The int8 model with the fewest layers in float that meets ``gate`` on ``held_out``.
@@ -431,7 +434,7 @@ def tune_int8(
         gate: the fidelity gate; inactive: one plain conversion (``auto``: of each recipe).
         config: recipe, time budget, chunks, sensitivity method, admissibility.
         targets: labels of ``held_out`` rows (integer class ids) for ``max_top1_drop``.
-        calibration_batches, backend, observer: as ``to_int8``.
+        calibration_batches, backend, observer, forward_kwargs: as ``to_int8``.
         map_chunks: runs a list of ``SensitivityTask`` and returns their results in any order
             (default: one after the other, in this process; the orchestrator fans them out).
 
@@ -447,15 +450,17 @@ def tune_int8(
     fp32 = copy.deepcopy(model).eval()
     inputs = tuple(held_out) if isinstance(held_out, (tuple, list)) else (held_out,)
 
+    kwargs = dict(forward_kwargs or {})
+
     def make_search(recipe, convert):
         return _Search(recipe, convert, fp32, inputs, gate, config, targets,
-                       start + config.budget_s)
+                       start + config.budget_s, kwargs)
 
     def run(recipe):
         if recipe == "static":
             return _static(fp32, calibration_loader, calibration_batches, backend, observer,
-                           make_search, config, map_chunks, inputs)
-        return _dynamic(fp32, backend, make_search, config, map_chunks, inputs)
+                           make_search, config, map_chunks, inputs, kwargs)
+        return _dynamic(fp32, backend, make_search, config, map_chunks, inputs, kwargs)
 
     searches, skipped, measured = _run_recipes(run, fp32, config)
     winner, rule, notes = _choose(searches, skipped, config, fp32, inputs)

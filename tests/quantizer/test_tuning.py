@@ -14,7 +14,7 @@ from torch import nn
 
 from benchmarks.tuning_models import PReLUCNN, RowRNN
 from jobs.demo.models import ResidualCNN
-from quantizer import ArtifactError, GateNotMetError, int8, load_artifact, save_artifact
+from quantizer import GateNotMetError, int8, load_artifact, save_artifact
 from quantizer import rnn, sensitivity, tuning
 from quantizer.errors import ConfigError
 from quantizer.fidelity import sqnr_db
@@ -98,7 +98,7 @@ def test_float_layers_stay_float_and_lift_the_sqnr(prelu_cnn, calibrated, digits
     assert all(type(kept.get_submodule(name)).__name__ == "FloatPReLU" for name in PRELUS)
     assert all(isinstance(kept.get_submodule(name), nn.PReLU) for name in PRELUS)
     assert kept.int8_settings == {"recipe": "static", "backend": "fbgemm", "observer": "default",
-                                  "float_layers": PRELUS}
+                                  "float_layers": PRELUS, "forward_kwargs": {}}
     assert _sqnr(prelu_cnn, plain, x) < 12.0
     assert _sqnr(prelu_cnn, kept, x) > 25.0
     assert int8.quantized_fraction(kept, prelu_cnn) > 0.99
@@ -181,15 +181,15 @@ def test_dynamic_int8_runs_on_every_backend(row_lstm, digits, backend):
     assert _sqnr(row_lstm, converted, digits["x_test"]) > 20.0
 
 
-def test_settings_from_a_newer_tool_are_refused(prelu_cnn, tmp_path, digits):
-    with pytest.raises(ConfigError, match="unknown field.*granularity.*newer quantize-all"):
-        int8.rebuild_int8(prelu_cnn, digits["x_test"][:1], {"recipe": "static", "granularity": 4})
-    converted = int8.to_int8_dynamic(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
-    recipe = {"precision": "int8", "factory": "torch.nn:Identity", "input_shape": [1, 8, 8],
-              "int8": {**converted.int8_settings, "granularity": 4}}
-    save_artifact(converted, tmp_path, recipe, digits["x_test"][:2])
-    with pytest.raises(ArtifactError, match="granularity"):
-        load_artifact(tmp_path)
+def test_settings_a_rebuild_cannot_honour_are_refused(prelu_cnn, digits):
+    example = digits["x_test"][:1]
+    for recipe in ("static", "dynamic"):
+        with pytest.raises(ConfigError, match="unknown fields granularity.*newer quantize-all"):
+            int8.rebuild_int8(prelu_cnn, example, {"recipe": recipe, "granularity": 4})
+    with pytest.raises(ConfigError, match="unknown int8 recipe 'sparse'"):
+        int8.rebuild_int8(prelu_cnn, example, {"recipe": "sparse"})
+    with pytest.raises(ConfigError, match="float layer 'conv9' not in the model"):
+        int8.rebuild_int8(prelu_cnn, example, {"float_layers": ["conv9"]})
 
 
 # ------------------------------------------------------------------------------ the search
