@@ -17,6 +17,7 @@ from quantizer.errors import (  # noqa: F401  (re-exported)
     ConversionError,
     FactoryError,
     FidelityError,
+    GateNotMetError,
     InputShapeError,
     NotQuantizedError,
     QuantizerError,
@@ -25,17 +26,19 @@ from quantizer.errors import (  # noqa: F401  (re-exported)
     UnsafePickleError,
 )
 from quantizer.fp16 import to_fp16
-from quantizer.int8 import BACKENDS, OBSERVERS, quantized_fraction, to_int8
+from quantizer.int8 import BACKENDS, OBSERVERS, quantized_fraction, to_int8, to_int8_dynamic
 from quantizer.calibration import CalibrationData, read_calibration, write_calibration
 from quantizer.checkpoints import import_factory, load_model
 from quantizer.artifacts import load_artifact, save_artifact
 from quantizer.fidelity import (measure_latency_ms, sqnr_db, sqnr_db_per_output, top1_agreement,
                                 top1_output)
+from quantizer.tuning import Gate, TuningConfig, TuningResult, tune_int8
 
 __all__ = [
     # conversions: one verb per precision
     "to_fp16",
     "to_int8",
+    "to_int8_dynamic",
     "BACKENDS",
     "OBSERVERS",
     "quantized_fraction",
@@ -54,6 +57,11 @@ __all__ = [
     "top1_output",
     "top1_agreement",
     "measure_latency_ms",
+    # accuracy-gated int8: the fewest layers in float that meet a gate
+    "tune_int8",
+    "Gate",
+    "TuningConfig",
+    "TuningResult",
     # errors
     "QuantizerError",
     "ConfigError",
@@ -68,5 +76,6 @@ __all__ = [
     "ArtifactError",
     "NotQuantizedError",
     "FidelityError",
+    "GateNotMetError",
     "SpeedupError",
 ]

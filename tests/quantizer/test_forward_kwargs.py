@@ -72,7 +72,8 @@ def test_fixed_kwargs_trace_calibrate_and_are_accepted_on_calls(data, embed):
     fixed = {"embed": embed, "scale": 3.0}        # scale != its default: calibration passes it
     converted = to_int8(model, _loader(x), calibration_batches=3, forward_kwargs=fixed)
     assert converted.int8_settings == {"recipe": "static", "backend": "fbgemm",
-                                       "observer": "default", "forward_kwargs": fixed}
+                                       "observer": "default", "float_layers": [],
+                                       "forward_kwargs": fixed}
     held_out = x[48:]
     with torch.no_grad():
         got = converted(held_out, **fixed)
