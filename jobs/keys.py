@@ -2,10 +2,12 @@
 
 ``KEY = sha256(inputs ‖ facts)[:24]``.
 
-- *inputs* (the driver's part, ``inputs_digest``): the checkpoint's sha256, factory and kwargs,
-  the sha256 of the factory module's source file and the installed version of its top-level
-  package (``jobs.sources.factory_code``), precision, the calibration data's sha256 and settings,
-  the fidelity gates, and for int8 the backend, observer, batch count and speed gate.
+- *inputs* (the driver's part, ``inputs_digest``): the checkpoint's sha256, every setting of the
+  model's zoo entry that shapes a result (factory, kwargs, calibration settings, gates, and for
+  int8 only the backend, observer, batch count and int8 gates; a zoo key added later is in every
+  key unless listed otherwise), the sha256 of the factory module's source file and the installed
+  version of its top-level package (``jobs.sources.factory_code``), precision, and the
+  calibration data's sha256.
 - *facts* (the worker's part, ``facts_part``): the torch and quantizer versions of the process
   that converts, and for int8 the activation range its quantizer chooses for the backend
   (``quantizer.int8.activation_range``). A task computes these itself and completes the key, so a
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, fields
 import platform
 import sys
 from importlib import metadata
@@ -38,24 +41,31 @@ from jobs.zoo import ModelSpec
 KEY_CHARS = 24
 
 
+# ModelSpec fields that never change a result: the row's name, where the checkpoint is (its
+# sha256 is in the key), which precisions are asked for, the pickle opt-in.
+NOT_IN_KEY = ("name", "checkpoint", "precisions", "allow_pickle")
+# Fields that shape int8 results only: an fp16 row's key leaves them out, so changing the backend
+# reconverts the int8 rows alone. Every other field, a key added to the zoo later included, is
+# in every key: a new setting reconverts rather than leaves a stale artifact.
+INT8_ONLY = ("backend", "observer", "min_sqnr_db", "min_speedup", "min_quantized_fraction")
+INT8_ONLY_CALIBRATION = ("batches",)
+
+
 def inputs_digest(spec: ModelSpec, precision: str, source_sha256: str,
                   calibration_sha256: str | None, code: FactoryCode) -> str:
-    """The driver's part of a key. Both hashes must be known: a key never lacks them."""
+    """The driver's part of a key: every result-shaping field of ``spec`` (see ``NOT_IN_KEY``,
+    ``INT8_ONLY``), the hashes of the checkpoint, the calibration data and the factory's code.
+    Both data hashes must be known: a key never lacks them."""
     if not source_sha256 or (spec.calibration.data and not calibration_sha256):
         raise ValueError(f"model {spec.name}: no key without the checkpoint's and the "
                          f"calibration data's sha256")
-    parts = {
-        "source": source_sha256, "factory": spec.factory, "kwargs": spec.kwargs,
-        **code.key_part(), "precision": precision,
-        "gates": [spec.min_sqnr_db, spec.min_quantized_fraction],
-        "calibration": calibration_sha256, "batch_size": spec.calibration.batch_size,
-        "shape": spec.calibration.shape,
-    }
-    if precision == "int8":
-        # Only int8 depends on these: changing the backend reconverts the int8 rows alone.
-        parts.update(backend=spec.backend, observer=spec.observer,
-                     batches=spec.calibration.batches, min_speedup=spec.min_speedup)
-    return _sha(parts)
+    skip = NOT_IN_KEY + (() if precision == "int8" else INT8_ONLY)
+    settings = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in skip}
+    settings["calibration"] = {
+        k: v for k, v in asdict(spec.calibration).items() if k != "data"
+        and (precision == "int8" or k not in INT8_ONLY_CALIBRATION)}
+    return _sha({"settings": settings, "precision": precision, "source": source_sha256,
+                 "calibration": calibration_sha256, **code.key_part()})
 
 
 def facts_part(precision: str, backend: str | None, facts: dict) -> dict:

@@ -163,7 +163,8 @@ def fidelity(name: str, precision: str, ref: Reference, got: list[torch.Tensor],
         return out
     sqnr = quantizer.sqnr_db(want, got)
     out["sqnr_db"] = max(-SQNR_CAP_DB, min(SQNR_CAP_DB, float(sqnr)))
-    out["top1_agreement"] = float(quantizer.top1_agreement(want, got))
+    output = quantizer.top1_output(want) or 0    # the class scores; else the first output
+    out["top1_agreement"] = float(quantizer.top1_agreement(want, got, output=output))
     return out
 
 

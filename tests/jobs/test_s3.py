@@ -23,8 +23,7 @@ from click.testing import CliRunner
 
 from jobs import store as store_mod
 from jobs.cli import main
-from jobs.lock import StoreLock
-from jobs.store import LockHeldError, Store, TransientStoreError
+from jobs.store import Store, TransientStoreError
 
 pytestmark = pytest.mark.slow
 
@@ -289,29 +288,6 @@ def test_missing_bucket_exits_4_with_a_one_line_cause(moto, s3_zoo):
     message = [line for line in output.splitlines() if line.strip()]
     assert len(message) == 1 and "bucket 'no-such-bucket' does not exist" in message[0]
     assert SECRET_KEY not in output and ACCESS_KEY not in output
-
-
-def test_lock_on_s3_uses_conditional_writes(moto):
-    store = Store(s3_uri(moto, "locked"))
-    first, second = StoreLock(store, "run-1"), StoreLock(store, "run-2")
-    assert first.mode == "s3-conditional"
-    first.acquire()
-    with pytest.raises(LockHeldError, match="run-1"):
-        second.acquire()
-    first.heartbeat()
-    assert json.loads(store.read_bytes(".lock"))["heartbeat"] == first.holder["heartbeat"]
-    # A dead holder (another host, heartbeat older than the expiry): two runs race to take it
-    # over from the same ETag, and S3 lets exactly one of them win.
-    dead = dict(first.holder, host="elsewhere", heartbeat=0)
-    assert first.backend.take_over(first.backend.read()[1], json.dumps(dead).encode())
-    _, etag = second.backend.read()
-    third = StoreLock(store, "run-3")
-    assert second.backend.take_over(etag, second._blob()) is True
-    assert third.backend.take_over(etag, third._blob()) is False
-    first.release()                  # no longer its lock: left alone
-    assert json.loads(store.read_bytes(".lock"))["run_id"] == "run-2"
-    second.release()
-    assert store.read_bytes(".lock") is None
 
 
 # -- the whole CLI on S3 ----------------------------------------------------------------------

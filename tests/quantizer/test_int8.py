@@ -87,8 +87,7 @@ def test_rebuild_then_load_state_dict_is_bit_exact(backend, observer, cnn, cnn_l
     torch.manual_seed(99)  # a fresh, differently initialised model, as load_artifact would build
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        skeleton = rebuild_int8(SmallCNN(), digits["x_train"][:2], backend=backend,
-                                observer=observer)
+        skeleton = rebuild_int8(SmallCNN(), digits["x_train"][:2], converted.int8_settings)
     assert [str(w.message)[:80] for w in caught] == []  # no "must run observer" noise
     assert skeleton.calibration_batches_used == 0
     skeleton.load_state_dict(converted.state_dict())
