@@ -30,7 +30,8 @@ from benchmarks.fanout import build_zoo
 from benchmarks.models import ARCHS
 
 # (module, function): each one's CPU seconds are summed (nested ones are counted in both)
-PHASES = (("quantizer.artifacts", "_torchscript_bytes"), ("quantizer.artifacts", "_model_bytes"),
+PHASES = (("quantizer.artifacts", "torchscript_bytes"), ("quantizer.artifacts", "_model_bytes"),
+          ("quantizer.artifacts", "_fingerprint"),
           ("jobs.convert", "_load"), ("jobs.convert", "_state_bytes"),
           ("jobs.measure", "reference"), ("jobs.measure", "measure_fp16"),
           ("jobs.measure", "measure_int8"), ("jobs.measure", "latency_ms"),
