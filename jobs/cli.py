@@ -1,9 +1,9 @@
 """The ``quantize-all`` command: a thin click layer over ``jobs.driver`` and ``jobs.verify``.
 
 Each mode calls one library function and maps typed errors to SPEC.md's exit codes:
-0 ok / up to date, 1 a model failed, 2 bad usage or zoo file, 3 DEST is locked, 4 Ray or the store
-unreachable. Human text goes to stderr when ``--json`` owns stdout. The only module importing click;
-torch and Ray are imported only when there is work for them.
+0 ok / up to date, 1 a model failed, 2 bad usage or zoo file, 3 DEST is locked (or this run lost its
+lock), 4 Ray or the store unreachable. Human text goes to stderr when ``--json`` owns stdout. The
+only module importing click; torch and Ray are imported only when there is work for them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from jobs.lock import LockLostError
 from jobs.store import LockHeldError, StoreError
 from jobs.zoo import BACKENDS, PRECISIONS, ZooError, load_zoo
 
@@ -22,7 +23,7 @@ Examples:
   quantize-all zoo.yaml -o ./artifacts --precision int8 --backend qnnpack --only 'resnet*'
   quantize-all zoo.yaml -o s3://bucket/zoo --address ray://head:10001 --json
   quantize-all zoo.yaml -o ./artifacts --dry-run      # what would be converted, and why
-  quantize-all zoo.yaml -o ./artifacts --verify       # check every artifact against the manifest
+  quantize-all zoo.yaml -o ./artifacts --verify       # check every artifact (manifest and zoo)
   ray job submit --address http://HEAD:8265 --working-dir . -- \\
       quantize-all zoo.yaml --out s3://bucket/zoo
 
@@ -60,7 +61,8 @@ class ExitError(click.ClickException):
 @click.option("--force", is_flag=True, help="Convert even what is up to date.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (convert / skip, and why); change nothing.")
 @click.option("--verify", is_flag=True,
-              help="Convert nothing; check every artifact in DEST against the manifest.")
+              help="Convert nothing; check every artifact in DEST against the manifest, and "
+                   "its recipe against the zoo before loading it.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the run summary as JSON on stdout (human text goes to stderr).")
 @click.option("--allow-unsafe-pickle", is_flag=True,
@@ -76,7 +78,7 @@ def main(zoo, out, precision, backend, calibration_batches, only, address, num_c
     """
     human = sys.stderr if as_json else sys.stdout
     if verify:
-        sys.exit(_verify(out, only, as_json, human))
+        sys.exit(_verify(zoo, out, only, allow_unsafe_pickle, as_json, human))
     try:
         spec = load_zoo(zoo, precisions=precision or None, backend=backend,
                         calibration_batches=calibration_batches, only=only or None,
@@ -90,6 +92,7 @@ def main(zoo, out, precision, backend, calibration_batches, only, address, num_c
 
 def _run(spec, out, address, num_cpus, max_retries, force, as_json, human) -> int:
     from jobs import driver
+    from jobs.manifest import ManifestError
     from jobs.summary import format_table, summary_json
 
     opts = driver.RunOptions(out=out, address=address, num_cpus=num_cpus,
@@ -99,12 +102,14 @@ def _run(spec, out, address, num_cpus, max_retries, force, as_json, human) -> in
     except KeyboardInterrupt:
         raise ExitError("interrupted: what finished is recorded in the manifest; run the same "
                         "command again to convert the rest", 130) from None
-    except LockHeldError as e:
+    except (LockHeldError, LockLostError) as e:
         raise ExitError(str(e), 3) from None
+    except ManifestError as e:      # a non-finite number reached the writer: nothing written
+        raise ExitError(str(e), 1) from None
     except (StoreError, driver.RayUnavailableError) as e:
         raise ExitError(str(e), 4) from None
     if as_json:
-        click.echo(json.dumps(summary_json(result), indent=1))
+        click.echo(json.dumps(summary_json(result), indent=1, allow_nan=False))
     click.echo(format_table(result.rows), file=human)
     counts = result.counts
     click.echo(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
@@ -125,7 +130,7 @@ def _dry_run(spec, out, force, as_json, human) -> int:
     plan = [{"name": u.spec.name, "precision": u.precision, "action": u.action,
              "reason": u.reason, "key": u.key} for u in units]
     if as_json:
-        click.echo(json.dumps({"dry_run": True, "plan": plan}, indent=1))
+        click.echo(json.dumps({"dry_run": True, "plan": plan}, indent=1, allow_nan=False))
     for p in plan:
         click.echo(f"{p['action']:<8} {p['name']:<24} {p['precision']:<5} {p['reason']}", file=human)
     n = sum(p["action"] == "convert" for p in plan)
@@ -133,16 +138,21 @@ def _dry_run(spec, out, force, as_json, human) -> int:
     return 0
 
 
-def _verify(out, only, as_json, human) -> int:
+def _verify(zoo, out, only, allow_unsafe_pickle, as_json, human) -> int:
     from jobs.verify import verify_store
 
+    try:   # the whole file, not the --only selection: it says which factory each model may use
+        spec = load_zoo(zoo, allow_unsafe_pickle=allow_unsafe_pickle)
+    except ZooError as e:
+        raise ExitError(str(e), 2) from None
     try:
-        results = verify_store(out, tuple(only))
+        results = verify_store(spec, out, tuple(only))
     except StoreError as e:
         raise ExitError(str(e), 4) from None
     bad = [r for r in results if not r["ok"]]
     if as_json:
-        click.echo(json.dumps({"verify": results, "problems": len(bad)}, indent=1))
+        click.echo(json.dumps({"verify": results, "problems": len(bad)}, indent=1,
+                              allow_nan=False))
     for r in results:
         status = "ok" if r["ok"] else f"FAILED: {r['problem']}"
         click.echo(f"{r['name']:<24} {r['precision']:<5} {status}", file=human)

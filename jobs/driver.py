@@ -1,10 +1,14 @@
-"""The driver: lock DEST, plan, fan the units out over Ray, collect rows, write the manifest.
+"""The driver: lock DEST, plan, fan the jobs out, record the rows, write the manifest.
 
-Fan-out follows Ray's own patterns: a bounded window of tasks in flight refilled with
-``ray.wait``, results handled in completion order, one CPU per task, a calibration table shared by
-several tasks put in the object store once. Rows are recorded as they finish: the manifest is
-flushed every few seconds and each finished task also leaves a completion record beside its
-artifact, so a killed driver loses nothing that finished. Must not import click.
+Bookkeeping only; Ray is ``jobs.fanout``'s. A run: take DEST's lock; sweep dead writers'
+temporaries; start Ray at once when there is surely work (a row never converted, ``--force``),
+while the checkpoints are hashed, so start-up and planning overlap; plan (``jobs.plan``); fail
+the rows whose inputs cannot be hashed; adopt what an interrupted run finished (only when its files
+check out); fan one job per model out; record rows as they come. The manifest is written after
+the first result and then every ``FLUSH_EVERY_S``, each write only after checking that this run
+still holds the lock (a run that lost it stops, exit 3), and each finished precision also leaves
+a completion record, so a killed driver loses nothing that finished. Must not import click,
+torch or ray.
 """
 
 from __future__ import annotations
@@ -12,26 +16,25 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from jobs import fanout, layout
+from jobs.fanout import RayUnavailableError  # noqa: F401  (re-exported for the CLI)
+from jobs.keys import FactsCache, local_environment
 from jobs.lock import StoreLock
 from jobs.manifest import Manifest, blank_row, now_iso
-from jobs.plan import SourceHasher, Unit, make_plan
+from jobs.plan import Unit, conversion_jobs, make_plan, split_by_precision
 from jobs.progress import Progress
-from jobs.store import LOCK_EXPIRY_S, Store, redact_uri
+from jobs.publish import intact_record
+from jobs.sources import SourceHasher, search_path
+from jobs.store import Store, redact_uri
 from jobs.zoo import Zoo
 
 FLUSH_EVERY_S = 2.0
-SHARE_MAX_BYTES = 256 << 20     # calibration data up to this size is put in the object store
-CONNECT_TIMEOUT_S = 10.0
-
-
-class RayUnavailableError(Exception):
-    """The Ray cluster at --address / RAY_ADDRESS cannot be reached (CLI exit 4)."""
+CONNECT_TIMEOUT_S = fanout.CONNECT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,6 @@ class RunOptions:
     num_cpus: int | None = None
     max_retries: int = 2
     force: bool = False
-    task_cpus: float = 1.0
 
 
 @dataclass
@@ -55,7 +57,7 @@ class RunResult:
 
     @property
     def ray_used(self) -> bool:
-        """There was work, so it ran on Ray (started here or not)."""
+        """Ray was started or joined for this run (work to do, or a cluster to ask)."""
         return self.ray_mode is not None
 
     @property
@@ -79,294 +81,250 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def plan_only(zoo: Zoo, out: str, *, force: bool = False) -> list[Unit]:
-    """The plan for ``--dry-run``: reads the store, writes nothing."""
+def joins_cluster(address: str | None) -> bool:
+    address = address or os.environ.get("RAY_ADDRESS")
+    return bool(address) and address != "local"
+
+
+def plan_only(zoo: Zoo, out: str, *, force: bool = False, address: str | None = None) -> list[Unit]:
+    """The plan for ``--dry-run``: reads the store, writes nothing, starts no Ray.
+
+    On a cluster (``address``) the workers' facts are the ones they last reported here; a
+    worker upgrade since then shows up in the real run."""
     store = Store(out)
     store.check_reachable()
-    return make_plan(zoo, Manifest.load(store), store, SourceHasher(store), force=force)
+    cache = FactsCache(store)
+    facts = cache.get(local_environment(_search(zoo))) or _any_facts(cache)
+    return make_plan(zoo, Manifest.load(store), store, SourceHasher(store), facts,
+                     force=force, search=_search(zoo))
+
+
+def _any_facts(cache: FactsCache) -> dict:
+    if cache.entries:
+        return next(reversed(cache.entries.values()))
+    from jobs.convert import worker_facts      # imports torch: only without any cache
+
+    return worker_facts()
+
+
+def _search(zoo: Zoo) -> tuple[str, ...]:
+    return search_path(os.path.dirname(os.path.abspath(zoo.path)))
 
 
 def run(zoo: Zoo, opts: RunOptions, *, progress: Progress | None = None) -> RunResult:
     """Convert what the plan says to convert; record everything. See the module docstring.
 
     Raises:
-        LockHeldError: another live run holds DEST's lock.
+        LockHeldError: another live run holds DEST's lock (LockLostError: it took it over).
         StoreError: DEST cannot be written.
         RayUnavailableError: the Ray cluster cannot be reached.
     """
     t0 = time.perf_counter()
     store = Store(opts.out)
     result = RunResult(run_id=new_run_id(), store=store.display)
-    lock = StoreLock(store, result.run_id)
-    lock.acquire()
-    stop = _start_heartbeat(lock)
-    manifest = None
-    try:
-        store.sweep_temporaries()
-        manifest = Manifest.load(store)
-        hasher = SourceHasher(store)
-        units = make_plan(zoo, manifest, store, hasher, force=opts.force)
-        hasher.save()
-        todo = _adopt_finished(units, manifest, store, result)
-        if todo:
-            _fan_out(todo, store, opts, manifest, result, progress or Progress(len(todo)),
-                     os.path.dirname(os.path.abspath(zoo.path)))
-        manifest.mark_retired({m.name for m in zoo.models})
-        _finish(store, manifest, result, zoo, t0)
-    except KeyboardInterrupt:
-        if manifest is not None and result.rows:
-            manifest.write(store)   # keep what finished; the next run converts the rest
-        raise
-    finally:
-        stop.set()
-        lock.release()
+    with StoreLock(store, result.run_id) as lock:
+        run_ = _Run(zoo, opts, store, lock, result, progress)
+        try:
+            run_.execute()
+            run_.finish(t0)
+        except KeyboardInterrupt:
+            run_.keep_what_finished()
+            raise
+        finally:
+            run_.close()
     return result
 
 
-def _adopt_finished(units: list[Unit], manifest: Manifest, store: Store,
-                    result: RunResult) -> list[Unit]:
-    """Record skipped units and units a killed run finished; return the ones left to convert."""
-    todo = []
-    for unit in units:
-        if unit.action == "skip":
-            row = dict(manifest.get(unit.spec.name, unit.precision))
-            result.rows.append(dict(row, status="skipped", reason=unit.reason))
-            continue
-        record = store.read_json(unit.record_path) if not unit.reason == "--force" else None
-        if record and record.get("status") == "ok":
-            manifest.record(record)
-            reason = f"finished by run {record.get('run_id')}, which was interrupted"
-            result.rows.append(dict(record, status="skipped", reason=reason))
-            continue
-        todo.append(unit)
-    return todo
+class _Run:
+    """One run's state while it holds the lock."""
 
+    def __init__(self, zoo, opts, store, lock, result, progress):
+        self.zoo, self.opts, self.store, self.lock, self.result = zoo, opts, store, lock, result
+        self.progress = progress
+        self.manifest: Manifest | None = None
+        self.search = _search(zoo)
+        self.facts_cache = FactsCache(store)
+        self.last_flush: float | None = None
 
-def payload_of(unit: Unit, store: Store, run_id: str) -> dict:
-    """The small, picklable description of a unit that a task receives."""
-    s, cal = unit.spec, unit.spec.calibration
-    return {
-        "name": s.name, "precision": unit.precision, "key": unit.key, "run_id": run_id,
-        "factory": s.factory, "kwargs": dict(s.kwargs), "checkpoint": s.checkpoint,
-        # backend and observer only shape int8 results; an fp16 row does not claim one
-        "allow_pickle": s.allow_pickle, "backend": s.backend if unit.precision == "int8" else None,
-        "observer": s.observer if unit.precision == "int8" else None,
-        "calibration": {"data": cal.data, "batches": cal.batches, "batch_size": cal.batch_size,
-                        "shape": list(cal.shape) if cal.shape else None},
-        "min_sqnr_db": s.min_sqnr_db, "min_speedup": s.min_speedup,
-        "min_quantized_fraction": s.min_quantized_fraction,
-        "source_sha256": unit.source and unit.source.sha256,
-        "source_bytes": unit.source and unit.source.bytes,
-        "store_uri": store.uri, "artifact_dir": unit.artifact_dir,
-        "record_path": unit.record_path,
-    }
+    def execute(self) -> None:
+        self.store.sweep_temporaries()
+        self.manifest = Manifest.load(self.store)
+        hasher = SourceHasher(self.store)
+        # Hash, and learn the workers' facts, while Ray starts: all three mostly wait.
+        with ThreadPoolExecutor(2) as pool:
+            hashed = pool.submit(_hash_all, self.zoo, hasher)
+            facts = self._local_facts(pool)
+            if joins_cluster(self.opts.address) or self._work_likely():
+                self._start_ray()
+            hashed.result()
+            facts = facts.result()
+            if self.result.ray_mode == "joined" and not self._new_dest():
+                facts = fanout.worker_facts()
+        units = make_plan(self.zoo, self.manifest, self.store, hasher, facts,
+                          force=self.opts.force, search=self.search)
+        hasher.save()
+        todo = self._settle(units)
+        if todo:
+            self._fan_out(todo)
+        # retirement is decided from the whole file, not the --only selection
+        self.manifest.mark_retired(set(self.zoo.all_names or (m.name for m in self.zoo.models)))
 
+    def _work_likely(self) -> bool:
+        """A row never converted (or --force): Ray is needed whatever the hashes say."""
+        return self.opts.force or any(
+            (self.manifest.get(m.name, p) or {}).get("status") != "ok"
+            for m in self.zoo.models for p in m.precisions)
 
-def _fan_out(todo, store, opts, manifest, result, progress, zoo_dir) -> None:
-    import importlib
+    def _start_ray(self) -> None:
+        if self.result.ray_mode is None:
+            zoo_dir = os.path.dirname(os.path.abspath(self.zoo.path))
+            self.result.ray_mode = fanout.connect(self.opts.address, self.opts.num_cpus, zoo_dir)
 
-    import ray
+    def _local_facts(self, pool: ThreadPoolExecutor) -> Future:
+        """The facts of this machine's workers (``jobs.keys``): as they last reported them, else
+        computed here (a local Ray's workers run this interpreter; importing torch for it
+        overlaps Ray's start). A joined cluster is asked instead (``fanout.worker_facts``)."""
+        env = local_environment(self.search)
+        cached = self.facts_cache.get(env)
+        if cached is not None or joins_cluster(self.opts.address) or self._new_dest():
+            done: Future = Future()
+            done.set_result(cached)
+            return done
+        return pool.submit(self._computed_facts, env)
 
-    # Importing torch (through jobs.task) takes a second or two; ray.init mostly waits for the
-    # processes it starts. Overlap them.
-    preload = threading.Thread(target=importlib.import_module, args=("jobs.task",), daemon=True)
-    preload.start()
-    result.ray_mode = _connect(opts, zoo_dir)
-    preload.join()
-    from jobs.task import convert_task
+    def _new_dest(self) -> bool:
+        """Nothing in DEST to compare keys with: the workers complete them, no facts needed."""
+        return not self.manifest.rows and not self.store.exists("artifacts")
 
-    try:
-        tables = _share_tables(todo)
-        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        largest = _largest_node_memory()
-        queue, pending, last_flush = list(todo), {}, time.monotonic()
-        while queue or pending:
-            while queue and len(pending) < window:
-                unit = queue.pop(0)
-                oversized = _oversized(unit, result.run_id, largest)
-                if oversized:   # Ray would keep an infeasible task pending forever
-                    _record(oversized, unit, manifest, result, progress, len(pending))
-                    continue
-                pending[_submit(convert_task, unit, store, opts, result, tables)] = unit
-            progress.update(running=len(pending))
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for ref in ready:
-                unit = pending.pop(ref)
-                row = _collect(ref, unit, result.run_id, opts)
-                _record(row, unit, manifest, result, progress, len(pending))
-            if time.monotonic() - last_flush > FLUSH_EVERY_S:
-                manifest.write(store)
-                last_flush = time.monotonic()
-    finally:
-        progress.close()
-        if result.ray_started:
-            ray.shutdown()
+    def _computed_facts(self, env: str) -> dict:
+        from jobs.convert import worker_facts      # imports torch: a new environment
 
+        facts = worker_facts()
+        self.facts_cache.put(env, facts)
+        return facts
 
-def _record(row, unit, manifest, result, progress, running: int) -> None:
-    manifest.record(row)
-    result.rows.append(dict(row, reason=unit.reason))
-    progress.advance(failed=row["status"] == "failed", running=running)
+    def _settle(self, units: list[Unit]) -> list[Unit]:
+        """Record skipped, failed and adopted rows; return the units left to convert."""
+        todo = []
+        for unit in units:
+            row = self.manifest.get(unit.spec.name, unit.precision)
+            if unit.action == "skip":
+                self.result.rows.append(dict(row, status="skipped", reason=unit.reason))
+            elif unit.action == "fail":
+                self._record([failed_row(unit.spec, unit.precision, self.result.run_id,
+                                         *unit.error, attempts=0, source=unit.source)],
+                             {(unit.spec.name, unit.precision): unit.reason})
+            elif not self.opts.force and unit.key and (record := intact_record(
+                    self.store, unit.spec.name, unit.precision, unit.key)):
+                self.manifest.record(record)
+                reason = f"finished by run {record.get('run_id')}, which was interrupted"
+                self.result.rows.append(dict(record, status="skipped", reason=reason))
+            else:
+                todo.append(unit)
+        return todo
 
-
-# What a task asks Ray for: a loaded model and its converted copy are a few times its file.
-TASK_MEMORY_BASE = 256 * 2**20
-TASK_MEMORY_PER_CHECKPOINT_BYTE = 8
-
-
-def _memory_request(unit: Unit) -> int:
-    size = unit.source.bytes if unit.source else 0
-    return int(TASK_MEMORY_BASE + TASK_MEMORY_PER_CHECKPOINT_BYTE * size)
-
-
-def _largest_node_memory() -> float:
-    import ray
-
-    return max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")),
-               default=0)
-
-
-def _oversized(unit: Unit, run_id: str, largest: float) -> dict | None:
-    """A failed row when no live node offers the memory the unit's task asks for, else None."""
-    need = _memory_request(unit)
-    if need <= largest:
-        return None
-    size = unit.source.bytes if unit.source else 0
-    msg = (f"model {unit.spec.name} needs about {need / 2**20:.0f} MiB of memory "
-           f"({TASK_MEMORY_PER_CHECKPOINT_BYTE} x its {size / 2**20:.0f} MiB checkpoint + "
-           f"{TASK_MEMORY_BASE / 2**20:.0f} MiB) and the largest node "
-           f"of the cluster offers {largest / 2**20:.0f} MiB; it was not started. Run it on a "
-           f"cluster with a larger node.")
-    return _failed_row(unit, run_id, "OutOfMemory", msg, attempts=0)
-
-
-def _submit(task, unit, store, opts, result, tables):
-    options = task.options(num_cpus=opts.task_cpus, memory=_memory_request(unit),
-                           max_retries=opts.max_retries)
-    cal = unit.spec.calibration
-    table = tables.get((cal.data, cal.shape))
-    return options.remote(payload_of(unit, store, result.run_id), table)
-
-
-def _collect(ref, unit: Unit, run_id: str, opts: RunOptions) -> dict:
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.OutOfMemoryError as e:
-        kind, msg = "OutOfMemory", f"the task ran out of memory and was killed by Ray: {e}"
-    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-            ray.exceptions.ObjectLostError) as e:
-        kind, msg = type(e).__name__, f"the worker or node died {opts.max_retries + 1} times: {e}"
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if getattr(e, "cause", None) is not None else e
-        kind, msg = type(cause).__name__, str(cause)
-    except ray.exceptions.RayError as e:
-        kind, msg = type(e).__name__, str(e)
-    return _failed_row(unit, run_id, kind, msg, attempts=opts.max_retries + 1)
-
-
-def _failed_row(unit: Unit, run_id: str, kind: str, msg: str, attempts: int) -> dict:
-    return blank_row(
-        name=unit.spec.name, precision=unit.precision,
-        backend=unit.spec.backend if unit.precision == "int8" else None,
-        status="failed", key=unit.key, run_id=run_id, source_uri=redact_uri(unit.spec.checkpoint),
-        source_sha256=unit.source and unit.source.sha256,
-        source_bytes=unit.source and unit.source.bytes, error_type=kind,
-        error_message=msg.strip().splitlines()[0][:2000] if msg.strip() else kind,
-        attempts=attempts, finished_at=now_iso(), factory=unit.spec.factory)
-
-
-def _share_tables(todo: list[Unit]) -> dict:
-    """Put each calibration table that several tasks use, and that is small, in the store once."""
-    import ray
-
-    from quantizer.calibration import read_table
-
-    users: dict[tuple, list[Unit]] = {}
-    for unit in todo:
-        cal = unit.spec.calibration
-        if cal.data:
-            users.setdefault((cal.data, cal.shape), []).append(unit)
-    shared = {}
-    for (data, shape), units in users.items():
-        if len(units) < 2:
-            continue  # one user: its task streams just the rows it needs from the store
-        rows = max(u.spec.calibration.batches * u.spec.calibration.batch_size for u in units)
+    def _fan_out(self, todo: list[Unit]) -> None:
+        self._start_ray()
+        models = len({u.spec.name for u in todo})
+        jobs = conversion_jobs(todo, self.manifest, self.store.uri, self.result.run_id,
+                               force=self.opts.force,
+                               per_precision=split_by_precision(models, fanout.cluster_cpus()))
+        reasons = {(u.spec.name, u.precision): u.reason for u in todo}
+        self.progress = self.progress or Progress(len(todo))
+        local_env = None if self.result.ray_mode == "joined" else local_environment(self.search)
+        pool = fanout.Fanout(jobs, self.store, max_retries=self.opts.max_retries)
         try:
-            table = read_table(data, shape=list(shape) if shape else None, max_rows=rows + 64)
-        except Exception:
-            continue  # each task reads it itself and reports the problem in its own row
-        if table.nbytes <= SHARE_MAX_BYTES:
-            shared[(data, shape)] = ray.put(table)
-    return shared
+            for done in pool.results():
+                if done is not None:
+                    rows = done.rows if done.error is None else _failed_job(done)
+                    self._record(rows, reasons, running=pool.running)
+                    if done.facts and local_env:
+                        self.facts_cache.put(local_env, done.facts)
+                self.progress.update(running=pool.running)
+                self._flush()
+        finally:
+            self.progress.close()
+
+    def _record(self, rows: list[dict], reasons: dict, running: int = 0) -> None:
+        for row in rows:
+            self.manifest.record(row)
+            self.result.rows.append(dict(row, reason=reasons.get((row["name"], row["precision"]))))
+            if self.progress:
+                self.progress.advance(failed=row["status"] == "failed", running=running)
+
+    def _flush(self, *, now: bool = False) -> None:
+        """Write the manifest after the first result, then every FLUSH_EVERY_S."""
+        converted = any(r["status"] != "skipped" for r in self.result.rows)
+        due = self.last_flush is None or time.monotonic() - self.last_flush > FLUSH_EVERY_S
+        if now or (converted and due):
+            self.lock.ensure_held()
+            self.manifest.write(self.store)
+            self.last_flush = time.monotonic()
+
+    def keep_what_finished(self) -> None:
+        """Ctrl-C: keep what finished in the manifest; the next run converts the rest."""
+        if self.manifest is not None and self.result.rows:
+            self._flush(now=True)
+
+    def close(self) -> None:
+        if self.result.ray_started:
+            fanout.shutdown()
+
+    def finish(self, t0: float) -> None:
+        from jobs.report import render_report
+
+        self.result.duration_s = round(time.perf_counter() - t0, 3)
+        self._flush(now=True)
+        self.facts_cache.save()
+        if self.result.ray_used:   # per-run retry counters: no longer needed
+            self.store.delete(layout.attempts_dir(self.result.run_id))
+        self.lock.ensure_held()
+        self.store.write_json(layout.run_record(self.result.run_id), _run_record(self))
+        html = render_report(self.manifest.sorted_rows(), run={
+            "run_id": self.result.run_id, "updated_at": self.manifest.updated_at,
+            "counts": self.result.counts})
+        self.lock.ensure_held()
+        self.store.write_bytes("report.html", html.encode())
 
 
-def _connect(opts: RunOptions, zoo_dir: str) -> str:
-    """Join --address / RAY_ADDRESS ("joined"), or start a local Ray ("local")."""
-    import ray
-
-    if ray.is_initialized():
-        return "existing"
-    address = opts.address or os.environ.get("RAY_ADDRESS")
-    if address and address not in ("local",):
-        _probe(address)
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        return "joined"
-    # Factories next to the zoo file or in the current folder import in workers as they would
-    # in the user's shell.
-    paths = [os.getcwd(), zoo_dir, os.environ.get("PYTHONPATH", "")]
-    pythonpath = os.pathsep.join(p for p in paths if p)
-    # address="local": a Ray of our own, even if `ray start` registered one on this machine
-    ray.init(address="local", num_cpus=opts.num_cpus, include_dashboard=False,
-             logging_level="ERROR", log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    return "local"
+def _hash_all(zoo: Zoo, hasher: SourceHasher) -> None:
+    """Hash every checkpoint and dataset once, so planning reads the hasher's cache. Errors
+    are left for the plan, which asks again and fails the rows concerned."""
+    for spec in zoo.models:
+        for fn, arg in ((hasher.digest, spec.checkpoint),
+                        (hasher.digest_dataset, spec.calibration.data)):
+            if arg:
+                try:
+                    fn(arg)
+                except Exception:  # noqa: BLE001  (reported by make_plan, row by row)
+                    pass
 
 
-def _probe(address: str) -> None:
-    """Fail fast when the head is unreachable: ray.init itself would retry for minutes."""
-    if address.startswith("ray://") or "://" in address:
-        parts = urlsplit(address)
-        host, port = parts.hostname, parts.port or 10001
-    else:
-        host, _, port_s = address.rpartition(":") if ":" in address else (address, "", "6379")
-        port = int(port_s or 6379)
-    try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise RayUnavailableError(
-            f"cannot reach the Ray cluster at {address} within {CONNECT_TIMEOUT_S:.0f} s ({e}); "
-            f"check --address / RAY_ADDRESS, or omit both to start a local Ray") from None
+def _run_record(run_: _Run) -> dict:
+    result = run_.result
+    return {
+        "run_id": result.run_id, "zoo": os.path.abspath(run_.zoo.path),
+        "store": run_.store.display, "host": socket.gethostname(), "finished_at": now_iso(),
+        "duration_s": result.duration_s, "ray_used": result.ray_used,
+        "ray_mode": result.ray_mode, "counts": result.counts, "rows": result.rows,
+        "argv": [redact_uri(a) for a in sys.argv]}
 
 
-def _start_heartbeat(lock: StoreLock) -> threading.Event:
-    stop = threading.Event()
+def failed_row(spec, precision: str, run_id: str, kind: str, msg: str, *, attempts: int,
+               source=None, key: str | None = None) -> dict:
+    """A ``failed`` row for a (model, precision) that failed outside a task (or never ran)."""
+    return blank_row(
+        name=spec.name, precision=precision,
+        backend=spec.backend if precision == "int8" else None,
+        observer=spec.observer if precision == "int8" else None,
+        status="failed", key=key, run_id=run_id, source_uri=redact_uri(spec.checkpoint),
+        source_sha256=source and source.sha256, source_bytes=source and source.bytes,
+        error_type=kind, error_message=msg.strip().splitlines()[0][:2000] if msg.strip() else kind,
+        attempts=attempts, finished_at=now_iso(), factory=spec.factory)
 
-    def beat():
-        while not stop.wait(LOCK_EXPIRY_S / 6):
-            try:
-                lock.heartbeat()
-            except OSError:
-                pass
 
-    threading.Thread(target=beat, name="quantize-all-lock", daemon=True).start()
-    return stop
-
-
-def _finish(store: Store, manifest: Manifest, result: RunResult, zoo: Zoo, t0: float) -> None:
-    from jobs.report import render_report
-
-    result.duration_s = round(time.perf_counter() - t0, 3)
-    manifest.write(store)
-    if result.ray_used:
-        store.delete(f".attempts/{result.run_id}")   # per-run retry counters: no longer needed
-    store.write_json(f"runs/{result.run_id}.json", {
-        "run_id": result.run_id, "zoo": os.path.abspath(zoo.path), "store": store.display,
-        "host": socket.gethostname(), "finished_at": now_iso(), "duration_s": result.duration_s,
-        "ray_used": result.ray_used, "ray_mode": result.ray_mode, "counts": result.counts, "rows": result.rows,
-        "argv": [redact_uri(a) for a in sys.argv],
-    })
-    html = render_report(manifest.sorted_rows(), run={
-        "run_id": result.run_id, "updated_at": manifest.updated_at, "counts": result.counts})
-    store.write_bytes("report.html", html.encode())
+def _failed_job(done: fanout.Done) -> list[dict]:
+    kind, msg, attempts = done.error
+    job = done.job
+    return [failed_row(job.spec, p.precision, job.run_id, kind, msg, attempts=attempts,
+                       source=job.source, key=p.planned_key) for p in job.precisions]

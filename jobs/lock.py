@@ -1,308 +1,216 @@
-"""The run lock on DEST: one live run at a time, on a local folder or an object store.
+"""The run lock on DEST: one live run writes DEST at a time (SPEC.md section 8).
 
-The lock is one object, ``DEST/.lock``, holding ``{run_id, host, pid, started_at, heartbeat}``;
-the holder refreshes ``heartbeat`` every ``LOCK_EXPIRY_S / 6``. A lock not refreshed for
-``LOCK_EXPIRY_S`` (or, on the same host, whose PID is gone) is dead and is taken over. Three
-backends give the same semantics:
+Use::
 
-- local folders: created with ``O_EXCL``; a dead lock is renamed aside (atomic) before retaking.
-- S3 (with boto3): conditional writes. ``PUT If-None-Match: *`` creates it only if absent, a
-  takeover or heartbeat is ``PUT If-Match: <etag seen>`` and release is ``DELETE If-Match``, so
-  of two runs racing only one wins (S3 answers the loser 412 Precondition Failed).
-- other object stores, or S3 without boto3: advisory. Create-if-absent is a check, a PUT and a
-  read-back after ``ADVISORY_SETTLE_S``; S3 and GCS are read-after-write consistent, so two runs
-  both winning needs both to start within that window. Install boto3 for a strict lock on S3.
-Must not import ray or click.
+    with StoreLock(store, run_id) as lock:   # acquire; start the heartbeat thread
+        ...
+        lock.ensure_held()   # before every manifest, report or run-record write: LockLostError
+    # on exit: the heartbeat thread is stopped AND joined, then the lock is released
+
+``DEST/.lock`` holds ``{run_id, host, pid, boot_id, pid_ns, proc_start, started_at, heartbeat,
+beat}`` (``jobs.lock_identity`` says why a holder is named by more than host and pid). The lock's
+own thread rewrites it every ``expiry_s / 6`` with ``beat`` counted up, so its bytes (its *token*:
+the file's bytes, or S3's ETag) change for as long as the holder lives.
+
+Judging a holder dead, in this order:
+
+1. the kernel: a local lock whose ``flock`` is held has a live holder, wherever it runs; one whose
+   ``flock`` is free and whose holder ran on this kernel (same boot id, any pid namespace) is dead.
+   On object stores, a holder on this kernel and in this pid namespace is dead when no process with
+   its pid and start tick exists (``jobs.lock_identity``).
+2. watching, when the kernel cannot tell (a holder on another host; on S3, in another pid
+   namespace): a holder whose ``heartbeat`` looks fresh by our clock is alive at once; otherwise the
+   contender watches the token for ``expiry_s`` of its *own monotonic clock* and the holder is dead
+   only if the token never changed. Wall clocks of two hosts are never compared to take a lock over:
+   skew can only make a contender wait longer, never take a live lock.
+
+The take-over is then a compare-and-swap on the token judged dead (``jobs.lock_backends``): if the
+lock was written since, the swap fails and the contender judges the new holder. A heartbeat that
+finds the lock no longer ours, or that has not landed for ``expiry_s / 2``, marks it lost;
+``ensure_held()`` also re-reads the store. Must not import ray or click.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
+import logging
+import math
+import threading
 import time
-import uuid
-from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlsplit
 
-from jobs.store import (LOCK_EXPIRY_S, LOCK_NAME, LockHeldError, Store, StoreError,
-                        TransientStoreError, redact_text)
+from jobs import lock_identity
+from jobs.lock_backends import backend_for
+from jobs.store import LOCK_EXPIRY_S, LOCK_NAME, LockHeldError, Store, StoreError
 
-ADVISORY_SETTLE_S = 1.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_ACQUIRE_ATTEMPTS = 5
+_log = logging.getLogger(__name__)
 
 
-def _holder_is_dead(holder: dict, now: float) -> bool:
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        if not _pid_alive(holder["pid"]):
-            return True
-    return now - float(holder.get("heartbeat", 0)) > LOCK_EXPIRY_S
+class LockLostError(Exception):
+    """This run no longer holds DEST's lock (CLI exit 3): it must stop writing DEST."""
+
+    def __init__(self, uri: str, run_id: str, reason: str):
+        self.reason = reason
+        super().__init__(
+            f"{uri}: run {run_id} lost the lock on DEST ({reason}); it stopped writing DEST. "
+            f"Another run may own DEST now: see {uri}/runs/ and run the same command again "
+            f"once it has finished")
 
 
 class StoreLock:
-    """An exclusive lock on DEST (see the module docstring for the backends)."""
+    """An exclusive lock on DEST with its own heartbeat thread (see the module docstring)."""
 
     def __init__(self, store: Store, run_id: str):
         self.store, self.run_id = store, run_id
-        self.path = store.path(LOCK_NAME)
+        self.expiry_s = float(LOCK_EXPIRY_S)   # read per lock, so a test can shorten it
         self.holder = {
-            "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "run_id": run_id, **lock_identity.identity(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "heartbeat": time.time(),
+            "heartbeat": time.time(), "beat": 0,
         }
-        self.backend = _backend_for(store, self.path)
+        self.backend = backend_for(store)
         self.mode = self.backend.mode       # "local" | "s3-conditional" | "advisory"
+        self.held = False                   # the last known state (cheap to read)
+        self.lost_reason: str | None = None
+        self._mutex = threading.Lock()      # one store operation on our lock at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._landed_at = 0.0               # monotonic time of our last write that landed
+
+    def __enter__(self) -> "StoreLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def acquire(self) -> None:
-        """Take the lock, taking over a dead holder's lock.
+        """Take the lock (taking over a dead holder's) and start the heartbeat thread.
 
         Raises:
-            LockHeldError: a live run holds it.
-            StoreError: DEST (its bucket) cannot be reached.
+            LockHeldError: a live run holds it, or was seen refreshing it while we watched.
+            StoreError: DEST cannot be reached, or its filesystem cannot lock files.
         """
         self.store.check_reachable()
-        for _ in range(3):
-            if self.backend.create(self._blob()):
-                return
-            holder, token = self.backend.read()
-            if holder is None:
-                continue                      # released in between: try again
-            if not _holder_is_dead(holder, time.time()):
-                raise LockHeldError(self.store.display, holder)
-            if self.backend.take_over(token, self._blob()):
+        for _ in range(_ACQUIRE_ATTEMPTS):
+            if self._try_acquire():
+                self.held, self.lost_reason = True, None
+                self._landed_at = time.monotonic()
+                self._start_heartbeat()
                 return
         raise LockHeldError(self.store.display, self.backend.read()[0] or {})
 
+    def _try_acquire(self) -> bool:
+        """True when taken; False to try again (it changed hands or vanished)."""
+        blob = self._blob()
+        if self.backend.create(blob):
+            return True
+        holder, token = self.backend.read()
+        if holder is None:
+            return False                    # released in between
+        alive = self.backend.alive(holder)
+        if alive is None:
+            alive = self._seems_alive(holder, token)
+        if alive:
+            raise LockHeldError(self.store.display, self.backend.read()[0] or holder)
+        return self.backend.take_over(token, blob)
+
+    def _seems_alive(self, holder: dict, token) -> bool:
+        """A holder the kernel cannot vouch for: alive if fresh-looking or seen to change."""
+        beat = holder.get("heartbeat")
+        if isinstance(beat, (int, float)) and math.isfinite(beat) \
+                and abs(time.time() - beat) < self.expiry_s:
+            return True
+        _log.warning("%s/%s: run %s (host %s) has not refreshed its lock by our clock; watching "
+                     "it for %.0f s before taking it over", self.store.display, LOCK_NAME,
+                     holder.get("run_id"), holder.get("host"), self.expiry_s)
+        deadline = time.monotonic() + self.expiry_s
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, self.expiry_s / 12))
+            current, now = self.backend.read()
+            if now != token:
+                return current is not None  # refreshed: alive; released: not, try again
+        return False
+
     def heartbeat(self) -> None:
-        """Refresh the heartbeat if this run still holds the lock."""
-        self.holder["heartbeat"] = time.time()
-        try:
-            self.backend.refresh(self.run_id, self._blob())
-        except (OSError, StoreError):
-            pass      # the next beat tries again; the lock expires only after LOCK_EXPIRY_S
+        """Refresh the lock if this run still holds it; mark it lost if it is no longer ours."""
+        with self._mutex:
+            if not self.held:
+                return
+            self.holder["heartbeat"] = time.time()
+            self.holder["beat"] += 1
+            try:
+                ours = self.backend.refresh(self._blob())
+            except (OSError, StoreError) as e:
+                self._lose_if_stale(f"{type(e).__name__}: {e}")
+                return
+            if ours:
+                self._landed_at = time.monotonic()
+            else:
+                self._lose(self._who_has_it())
+
+    def ensure_held(self) -> None:
+        """Re-check the store; return only if this run still holds the lock.
+
+        Raises:
+            LockLostError: the lock was taken over or deleted, or not refreshed for long enough
+                that another run may have judged this one dead.
+            StoreError: DEST cannot be read to check.
+        """
+        with self._mutex:
+            self._lose_if_stale("no heartbeat landed")
+            if self.held and not self.backend.check():
+                self._lose(self._who_has_it())
+            if not self.held:
+                raise LockLostError(self.store.display, self.run_id,
+                                    self.lost_reason or "it was released")
 
     def release(self) -> None:
-        """Remove the lock if this run holds it."""
-        self.backend.release(self.run_id)
+        """Stop and join the heartbeat thread, then remove the lock if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._mutex:
+            try:
+                if self.held:
+                    self.backend.release()
+            except (OSError, StoreError) as e:
+                _log.warning("%s/%s: could not remove the lock (%s); the next run takes it over "
+                             "once it is judged dead", self.store.display, LOCK_NAME, e)
+            finally:
+                self.backend.close()
+                self.held = False
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="quantize-all-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while self.held and not self._stop.wait(self.expiry_s / 6):
+            self.heartbeat()
+
+    def _lose_if_stale(self, why: str) -> None:
+        silent = time.monotonic() - self._landed_at
+        if self.held and silent > self.expiry_s / 2:
+            self._lose(f"its heartbeat has not landed for {silent:.0f} s ({why}); after "
+                       f"{self.expiry_s:.0f} s another run may take DEST over")
+
+    def _lose(self, reason: str) -> None:
+        self.held, self.lost_reason = False, reason
+        _log.error("%s/%s: run %s lost the lock: %s", self.store.display, LOCK_NAME,
+                   self.run_id, reason)
+
+    def _who_has_it(self) -> str:
+        try:
+            holder, _ = self.backend.read()
+        except (OSError, StoreError) as e:
+            return f"{LOCK_NAME} is no longer ours, and cannot be read: {e}"
+        if holder is None:
+            return f"{LOCK_NAME} was deleted by someone else"
+        return (f"{LOCK_NAME} now names run {holder.get('run_id')} on host {holder.get('host')} "
+                f"(pid {holder.get('pid')})")
 
     def _blob(self) -> bytes:
-        return json.dumps(self.holder).encode()
-
-
-def _backend_for(store: Store, path: str):
-    if store.is_local:
-        return _LocalBackend(path)
-    if store.kind == "s3":
-        try:
-            import boto3  # noqa: F401  (optional: only the strict S3 lock needs it)
-        except ImportError:
-            return _AdvisoryBackend(store)
-        return _S3Backend(store)
-    return _AdvisoryBackend(store)
-
-
-def _parse(blob: bytes | None) -> dict | None:
-    if blob is None:
-        return None
-    try:
-        return json.loads(blob or b"{}")
-    except json.JSONDecodeError:
-        # A holder killed between create and write leaves an empty file: treat it as a lock
-        # with no heartbeat, which expires at once.
-        return {"heartbeat": 0}
-
-
-class _LocalBackend:
-    mode = "local"
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def create(self, blob: bytes) -> bool:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-        return True
-
-    def read(self) -> tuple[dict | None, None]:
-        try:
-            return _parse(Path(self.path).read_bytes()), None
-        except FileNotFoundError:
-            return None, None
-
-    def take_over(self, token, blob: bytes) -> bool:
-        # Renaming the stale lock aside is atomic: of two runs taking over at once, only one
-        # rename succeeds and the loser sees the winner's fresh lock.
-        try:
-            os.rename(self.path, f"{self.path}.stale-{uuid.uuid4().hex}")
-        except FileNotFoundError:
-            return False
-        return self.create(blob)
-
-    def refresh(self, run_id: str, blob: bytes) -> None:
-        current, _ = self.read()
-        if current is not None and current.get("run_id") == run_id:
-            tmp = f"{self.path}.hb-{uuid.uuid4().hex}"
-            Path(tmp).write_bytes(blob)
-            os.replace(tmp, self.path)
-
-    def release(self, run_id: str) -> None:
-        current, _ = self.read()
-        if current is not None and current.get("run_id") == run_id:
-            os.remove(self.path)
-        for stale in Path(self.path).parent.glob(f"{Path(self.path).name}.stale-*"):
-            stale.unlink(missing_ok=True)
-
-
-class _S3Backend:
-    """Conditional writes through boto3 (pyarrow's S3 client cannot send If-None-Match)."""
-
-    mode = "s3-conditional"
-
-    def __init__(self, store: Store):
-        self.store = store
-        self.bucket, _, self.key = store.path(LOCK_NAME).partition("/")
-        self.client = _s3_client(store)
-        self.etag: str | None = None
-
-    def create(self, blob: bytes) -> bool:
-        return self._put(blob, IfNoneMatch="*")
-
-    def read(self) -> tuple[dict | None, str | None]:
-        try:
-            got = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key)
-        except _NotFound:
-            return None, None
-        return _parse(got["Body"].read()), got["ETag"]
-
-    def take_over(self, token: str | None, blob: bytes) -> bool:
-        return token is not None and self._put(blob, IfMatch=token)
-
-    def refresh(self, run_id: str, blob: bytes) -> None:
-        if self.etag is not None and not self._put(blob, IfMatch=self.etag):
-            self.etag = None                  # taken over after expiry: stop refreshing
-
-    def release(self, run_id: str) -> None:
-        if self.etag is None:
-            return
-        try:
-            self._call(self.client.delete_object, Bucket=self.bucket, Key=self.key,
-                       IfMatch=self.etag)
-        except _Precondition:
-            pass                              # someone else's lock now: leave it
-        except StoreError as e:
-            if "NotImplemented" not in str(e):
-                raise
-            current, _ = self.read()          # a store without conditional deletes
-            if current and current.get("run_id") == run_id:
-                self._call(self.client.delete_object, Bucket=self.bucket, Key=self.key)
-        self.etag = None
-
-    def _put(self, blob: bytes, **condition) -> bool:
-        try:
-            got = self._call(self.client.put_object, Bucket=self.bucket, Key=self.key,
-                             Body=blob, ContentType="application/json", **condition)
-        except _Precondition:
-            return False
-        self.etag = got["ETag"]
-        return True
-
-    def _call(self, fn, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(**kwargs)
-        except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code"))
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                raise _Precondition() from None
-            if code in ("NoSuchKey", "404") or status == 404 and code != "NoSuchBucket":
-                raise _NotFound() from None
-            kind = TransientStoreError if status and status >= 500 else StoreError
-            raise kind(f"output store {self.store.display}: lock {LOCK_NAME}: "
-                       f"{redact_text(str(e))}") from None
-        except BotoCoreError as e:
-            raise TransientStoreError(f"output store {self.store.display}: lock {LOCK_NAME}: "
-                                      f"{redact_text(str(e))}") from None
-
-
-class _Precondition(Exception):
-    pass
-
-
-class _NotFound(Exception):
-    pass
-
-
-def _s3_client(store: Store):
-    """A boto3 S3 client with the same endpoint, region and credentials as the store's URI."""
-    import boto3
-    from botocore.config import Config
-
-    parts = urlsplit(store.uri)
-    query = dict(parse_qsl(parts.query))
-    endpoint = query.get("endpoint_override")
-    if endpoint and "://" not in endpoint:
-        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
-    creds = {}
-    if parts.username:
-        creds = {"aws_access_key_id": unquote(parts.username),
-                 "aws_secret_access_key": unquote(parts.password or "")}
-    region = query.get("region") or getattr(store.fs, "region", None) or None
-    # endpoint None: boto3 reads AWS_ENDPOINT_URL(_S3) itself, as pyarrow does
-    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5,
-                    read_timeout=20)
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config, **creds)
-
-
-class _AdvisoryBackend:
-    """Check, PUT, settle, read back: for stores without conditional writes (see module doc)."""
-
-    mode = "advisory"
-
-    def __init__(self, store: Store):
-        self.store = store
-
-    def create(self, blob: bytes) -> bool:
-        if self.store.exists(LOCK_NAME):
-            return False
-        return self._write_and_confirm(blob)
-
-    def read(self) -> tuple[dict | None, str | None]:
-        data = self.store.read_bytes(LOCK_NAME)
-        return _parse(data), None if data is None else data.decode(errors="replace")
-
-    def take_over(self, token: str | None, blob: bytes) -> bool:
-        data = self.store.read_bytes(LOCK_NAME)
-        if data is None or data.decode(errors="replace") != token:
-            return False                      # changed since we judged it dead
-        return self._write_and_confirm(blob)
-
-    def refresh(self, run_id: str, blob: bytes) -> None:
-        current, _ = self.read()
-        if current is not None and current.get("run_id") == run_id:
-            self.store.write_bytes(LOCK_NAME, blob)
-
-    def release(self, run_id: str) -> None:
-        current, _ = self.read()
-        if current is not None and current.get("run_id") == run_id:
-            self.store.delete(LOCK_NAME)
-
-    def _write_and_confirm(self, blob: bytes) -> bool:
-        self.store.write_bytes(LOCK_NAME, blob)
-        time.sleep(ADVISORY_SETTLE_S)
-        return self.store.read_bytes(LOCK_NAME) == blob
+        return json.dumps(self.holder, allow_nan=False).encode()

@@ -4,6 +4,10 @@ Owns the row schema (SPEC.md section 6: those names exactly, plus a few extra fi
 run's results into the zoo's current state, and writing both files atomically. The manifest is the
 zoo's *current state*: a row that a run skipped keeps the status and run_id of the run that made
 it; what each run did (``converted``, ``skipped`` and why) is in ``runs/RUN_ID.json``.
+
+No non-finite number is ever written (strict JSON parsers reject a bare ``NaN``): a result or a
+stored row holding one becomes a ``failed`` row naming the field (``NonFiniteValue``), so the
+next run converts it again, and ``manifest.json`` is written with ``allow_nan=False``.
 Must not import ray or click.
 """
 
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
+import math
 from typing import Iterable
 
 import pyarrow as pa
@@ -51,6 +57,10 @@ ARTIFACT_FIELDS = (
 )
 
 
+class ManifestError(ValueError):
+    """A manifest row holds a value the manifest never contains (a non-finite number)."""
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -66,12 +76,39 @@ def blank_row(**values) -> dict:
     return row
 
 
+def non_finite_fields(row: dict) -> list[str]:
+    """The fields of ``row`` holding a non-finite number (at any depth), e.g. ``['sqnr_db']``."""
+    def bad(value) -> bool:
+        if isinstance(value, float):
+            return not math.isfinite(value)
+        if isinstance(value, dict):
+            return any(bad(v) for v in value.values())
+        return isinstance(value, (list, tuple)) and any(bad(v) for v in value)
+    return [k for k, v in row.items() if bad(v)]
+
+
+def refuse_non_finite(row: dict) -> dict:
+    """``row`` unchanged when every number is finite; else a ``failed`` row naming the fields,
+    without the artifact that produced them (``merge_result`` restores the last good one)."""
+    fields = non_finite_fields(row)
+    if not fields:
+        return row
+    found = ", ".join(f"{k} = {row[k]!r}" for k in fields)
+    dropped = [f for f in ARTIFACT_FIELDS if f not in ("key", "run_id")] + fields
+    return dict(row, **dict.fromkeys(dropped), status="failed", error_type="NonFiniteValue",
+                error_message=f"{row.get('name')} ({row.get('precision')}): {found}; the "
+                              f"manifest never records a non-finite number, so this row failed "
+                              f"and the next run converts it again")
+
+
 def merge_result(previous: dict | None, result: dict) -> dict:
     """The new current-state row for one (model, precision) after an attempt.
 
     A failed attempt keeps the last good artifact fields (a consumer never loses a working
-    model); its error fields and attempt metadata are the new attempt's.
+    model); its error fields and attempt metadata are the new attempt's. A result holding a
+    non-finite number is a failed attempt (``refuse_non_finite``).
     """
+    result = refuse_non_finite(result)
     row = blank_row(**{k: v for k, v in result.items() if k in FIELDS})
     if result.get("status") == "failed" and previous and previous.get("artifact_uri"):
         for name in ARTIFACT_FIELDS:
@@ -87,9 +124,9 @@ class Manifest:
 
     def __init__(self, rows: Iterable[dict] = (), updated_at: str | None = None):
         self.rows: dict[tuple[str, str], dict] = {}
-        for row in rows:
+        for row in rows:   # a NaN a manifest of an older version holds: failed, converted again
             self.rows[(row["name"], row["precision"])] = blank_row(
-                **{k: v for k, v in row.items() if k in FIELDS})
+                **{k: v for k, v in refuse_non_finite(row).items() if k in FIELDS})
         self.updated_at = updated_at
 
     @classmethod
@@ -108,6 +145,7 @@ class Manifest:
         return self.rows.get((name, precision))
 
     def record(self, result: dict) -> dict:
+        """Merge one attempt's result; return the row now stored (failed if it held a NaN)."""
         key = (result["name"], result["precision"])
         self.rows[key] = merge_result(self.rows.get(key), result)
         return self.rows[key]
@@ -126,15 +164,26 @@ class Manifest:
         return [self.rows[k] for k in sorted(self.rows)]
 
     def write(self, store: Store) -> None:
-        """Write manifest.parquet then manifest.json, each atomically."""
+        """Write manifest.parquet then manifest.json, each atomically.
+
+        Raises:
+            ManifestError: a row holds a non-finite number (rows set outside ``record``);
+                nothing is written.
+        """
         self.updated_at = now_iso()
         rows = self.sorted_rows()
+        bad = [f"{r['name']} ({r['precision']}): {', '.join(non_finite_fields(r))}"
+               for r in rows if non_finite_fields(r)]
+        if bad:
+            raise ManifestError(f"{store.display}/{MANIFEST_JSON} not written: non-finite numbers "
+                                f"in {'; '.join(bad)}; the manifest never holds one")
+        doc = json.dumps({"schema_version": SCHEMA_VERSION, "updated_at": self.updated_at,
+                          "rows": rows}, indent=1, allow_nan=False, default=str)
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         buf = io.BytesIO()
         pq.write_table(table, buf)
         store.write_bytes(MANIFEST_PARQUET, buf.getvalue())
-        store.write_json(MANIFEST_JSON, {
-            "schema_version": SCHEMA_VERSION, "updated_at": self.updated_at, "rows": rows})
+        store.write_bytes(MANIFEST_JSON, doc.encode())
 
 
 def read_parquet_rows(store: Store) -> list[dict]:

@@ -1,208 +1,217 @@
-"""The plan: which (model, precision) pairs to convert or skip, and why; content keys.
+"""The plan: which (model, precision) rows to convert, skip or fail, and why; the jobs to run.
 
-``KEY`` hashes everything that determines a result: the checkpoint's bytes, factory and kwargs,
-precision, backend, observer and calibration data and settings (int8), the fidelity gates, and the
-versions of torch and of this tool. The plan is decided from the zoo, the manifest and the store
-alone, without importing torch or starting Ray, so a run with nothing to do is quick.
-Must not import ray, click or torch.
+Decided from the zoo, the manifest, the store and the workers' predicted facts alone, without
+importing torch or starting Ray, so a run with nothing to do is quick. A row whose checkpoint or
+calibration data cannot be hashed is failed here, named, and never converted, adopted or
+published: its key would not say what it was made from. The rows left to convert become one
+``ConversionJob`` per model (all its precisions: the checkpoint is loaded and the fp32 reference
+computed once), or per (model, precision) when there are more CPUs than models, ordered longest
+first. Must not import ray, click or torch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
-from importlib import metadata
 
-import pyarrow.fs as pafs
-
+from jobs import layout
+from jobs.keys import content_key, inputs_digest
 from jobs.manifest import Manifest
-from jobs.store import Store, StoreError, filesystem_for, redact_uri, retry_io
+from jobs.publish import files_present
+from jobs.sources import Source, SourceHasher, factory_code
+from jobs.store import Store, StoreError
 from jobs.zoo import ModelSpec, Zoo
 
-HASH_CACHE = ".cache/source-hashes.json"
-SHARD_SUFFIXES = (".arrow", ".feather", ".parquet")   # as quantizer.shards reads
-KEY_CHARS = 24
-ARTIFACT_FILE = "model.pt"   # the file quantizer.load_artifact takes
+ARTIFACT_FILE = layout.ARTIFACT_FILE     # re-exported: jobs.verify reads it from here
 
+FIDELITY_ROWS = 64       # held-out rows after the calibration rows, for SQNR / top-1 agreement
 
-def versions() -> dict[str, str]:
-    """torch's and this tool's versions, read from package metadata (no torch import)."""
-    return {"torch": metadata.version("torch"), "quantizer": metadata.version("quantize-all")}
-
-
-@dataclass(frozen=True)
-class Source:
-    uri: str
-    sha256: str
-    bytes: int
+# A model never converted before: seconds per MB of checkpoint, by precision (the benchmark zoo
+# on one core of the machine in docs/performance.md); only the order of jobs depends on it.
+ESTIMATE_S_PER_MB = {"fp16": 0.02, "int8": 0.06}
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of work: a model in one precision, with its key and what to do about it."""
+    """One manifest row's fate in this run."""
 
     spec: ModelSpec
     precision: str
-    key: str
-    source: Source | None          # None when the checkpoint cannot be read (the task reports it)
-    calibration_sha256: str | None
-    action: str                     # "convert" | "skip"
+    action: str                    # "convert" | "skip" | "fail"
     reason: str
+    inputs: str | None = None      # the driver's part of the key; None when a hash is missing
+    key: str | None = None         # inputs + the workers' predicted facts (None: not predicted)
+    source: Source | None = None
+    error: tuple[str, str] | None = None      # (error_type, message) of a "fail" unit
 
     @property
-    def artifact_dir(self) -> str:
-        return f"artifacts/{self.spec.name}/{self.precision}/{self.key}"
+    def backend(self) -> str | None:
+        """Backend and observer shape int8 results only; an fp16 row claims neither."""
+        return self.spec.backend if self.precision == "int8" else None
 
     @property
-    def record_path(self) -> str:
-        """The completion record a finished task writes beside its artifact folder."""
-        return f"{self.artifact_dir}.json"
+    def observer(self) -> str | None:
+        return self.spec.observer if self.precision == "int8" else None
 
 
-class SourceHasher:
-    """sha256 of checkpoints and calibration shards, cached by file identity.
-
-    Local files are re-read only when (size, mtime_ns, ctime_ns, inode) changed. ctime cannot be
-    set from user space, so rewriting a file and resetting its mtime with ``touch -d`` or
-    ``os.utime`` still changes the identity. Object stores: (size, mtime) as the store reports.
-    """
-
-    def __init__(self, store: Store):
-        self.store = store
-        self.cache: dict[str, dict] = store.read_json(HASH_CACHE) or {}
-        self.dirty = False
-        self._datasets: dict[str, str] = {}   # many models share one calibration folder
-
-    def digest(self, uri: str) -> Source:
-        fs, path, local = filesystem_for(uri)
-        info = _io(uri, fs.get_file_info, path)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{redact_uri(uri)}: not found")
-        if local:
-            st = os.stat(path)
-            ident = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-        else:
-            ident = [info.size, info.mtime_ns]
-        name = redact_uri(uri)      # the cache is written to DEST: no credentials in it
-        cached = self.cache.get(name)
-        if cached and cached.get("ident") == ident:
-            return Source(uri, cached["sha256"], cached["bytes"])
-        sha, size = _io(uri, _hash_file, fs, path)
-        self.cache[name] = {"ident": ident, "sha256": sha, "bytes": size}
-        self.dirty = True
-        return Source(uri, sha, size)
-
-    def digest_dataset(self, uri: str) -> str:
-        """One sha256 over every shard of a calibration file or folder (once per run)."""
-        if uri not in self._datasets:
-            self._datasets[uri] = self._digest_dataset(uri)
-        return self._datasets[uri]
-
-    def _digest_dataset(self, uri: str) -> str:
-        fs, path, _ = filesystem_for(uri)
-        info = _io(uri, fs.get_file_info, path)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"{redact_uri(uri)}: not found")
-        if info.type == pafs.FileType.File:
-            return self.digest(uri).sha256
-        sel = pafs.FileSelector(path, recursive=False)
-        names = sorted(
-            i.base_name for i in _io(uri, fs.get_file_info, sel)
-            if i.type == pafs.FileType.File and i.base_name.endswith(SHARD_SUFFIXES)
-            and not i.base_name.startswith((".", "_")))
-        h = hashlib.sha256()
-        for name in names:
-            h.update(f"{name}:{self.digest(uri.rstrip('/') + '/' + name).sha256};".encode())
-        return h.hexdigest()
-
-    def save(self) -> None:
-        if self.dirty:
-            self.store.write_json(HASH_CACHE, self.cache)
-            self.dirty = False
+@dataclass(frozen=True)
+class PrecisionJob:
+    precision: str
+    inputs: str                    # the driver's part of the key; the worker completes it
+    planned_key: str | None        # completed with the driver's prediction of the facts
+    replace: bool                  # --force: fresh files replace an intact artifact
 
 
-def _io(uri: str, fn, *args):
-    """``fn(*args)`` with the store's retries; a permanent failure stays an OSError (the row's)."""
-    try:
-        return retry_io(fn, *args, what=redact_uri(uri))
-    except StoreError as e:
-        raise OSError(str(e)) from None
+@dataclass(frozen=True)
+class ConversionJob:
+    """What one task converts: one model, each precision of it still to do."""
 
+    spec: ModelSpec
+    source: Source
+    precisions: tuple[PrecisionJob, ...]
+    store_uri: str
+    run_id: str
+    estimate_s: float
 
-def _hash_file(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
+    @property
+    def label(self) -> str:
+        """Names this job among the run's: the model, or the model and its only precision."""
+        if len(self.precisions) == len(self.spec.precisions):
+            return self.spec.name
+        return ".".join([self.spec.name, *(p.precision for p in self.precisions)])
 
-def content_key(spec: ModelSpec, precision: str, source_sha256: str | None,
-                calibration_sha256: str | None, vers: dict[str, str]) -> str:
-    """The content key of one (model, precision): equal keys give the same artifact."""
-    parts = {
-        "source": source_sha256, "factory": spec.factory, "kwargs": spec.kwargs,
-        "precision": precision, "gates": [spec.min_sqnr_db, spec.min_quantized_fraction],
-        "calibration": calibration_sha256, "batch_size": spec.calibration.batch_size,
-        "shape": spec.calibration.shape, "versions": vers,
-    }
-    if precision == "int8":
-        # Only int8 depends on these: changing the backend reconverts the int8 rows alone.
-        parts.update(backend=spec.backend, observer=spec.observer,
-                     batches=spec.calibration.batches, min_speedup=spec.min_speedup)
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:KEY_CHARS]
+    def backend_for(self, precision: str) -> str | None:
+        return self.spec.backend if precision == "int8" else None
+
+    def observer_for(self, precision: str) -> str | None:
+        return self.spec.observer if precision == "int8" else None
 
 
 def make_plan(zoo: Zoo, manifest: Manifest, store: Store, hasher: SourceHasher,
-              *, force: bool = False) -> list[Unit]:
-    """Decide convert/skip for every (model, precision) of the zoo."""
-    vers = versions()
+              facts: dict | None, *, force: bool = False,
+              search: tuple[str, ...] = ()) -> list[Unit]:
+    """Decide convert / skip / fail for every (model, precision) of the zoo.
+
+    Args:
+        facts: the workers' predicted facts (``jobs.keys``): keys are completed with them. None
+            when DEST holds nothing to compare with (a new DEST): every row is new, and the
+            workers complete the keys.
+        search: where the factories' modules are looked for (``jobs.sources.search_path``).
+    """
     units = []
     for spec in zoo.models:
-        source, source_error = _try(hasher.digest, spec.checkpoint)
-        calib = None
-        if spec.calibration.data:
-            calib, _ = _try(hasher.digest_dataset, spec.calibration.data)
+        source, calib, error = _hash_inputs(spec, hasher)
+        code = factory_code(spec.factory, search) if error is None else None
         for precision in spec.precisions:
-            key = content_key(spec, precision, source and source.sha256, calib, vers)
-            action, reason = _decide(spec, precision, key, source, source_error,
-                                     manifest.get(spec.name, precision), store, force)
-            units.append(Unit(spec, precision, key, source, calib, action, reason))
+            if error is not None:
+                units.append(Unit(spec, precision, "fail", error[1], source=source, error=error))
+                continue
+            inputs = inputs_digest(spec, precision, source.sha256, calib, code)
+            row = manifest.get(spec.name, precision)
+            if facts is None and row is None:
+                units.append(Unit(spec, precision, "convert", "--force" if force else "new",
+                                  inputs, None, source))
+                continue
+            key = content_key(inputs, precision, _backend(spec, precision), facts)
+            action, reason = decide(spec, precision, key, source, facts, row, store, force)
+            units.append(Unit(spec, precision, action, reason, inputs, key, source))
     return units
 
 
-def _try(fn, arg):
+def _backend(spec: ModelSpec, precision: str) -> str | None:
+    return spec.backend if precision == "int8" else None
+
+
+def _hash_inputs(spec: ModelSpec, hasher: SourceHasher):
+    """(source, calibration sha256, None) or (source?, None, (error_type, message))."""
     try:
-        return fn(arg), None
+        source = hasher.digest(spec.checkpoint)
     except (OSError, ValueError, StoreError) as e:
-        return None, str(e)  # one unreadable source is its rows' problem, not the run's
+        return None, None, ("CheckpointError", _unhashable("checkpoint", spec, e))
+    if not spec.calibration.data:
+        return source, None, None
+    try:
+        return source, hasher.digest_dataset(spec.calibration.data), None
+    except (OSError, ValueError, StoreError) as e:
+        return source, None, ("CalibrationError", _unhashable("calibration data", spec, e))
 
 
-def _decide(spec, precision, key, source, source_error, row, store, force) -> tuple[str, str]:
-    if source is None:
-        return "convert", f"checkpoint unreadable ({source_error}); the task will report it"
+def _unhashable(what: str, spec: ModelSpec, error: Exception) -> str:
+    return (f"model {spec.name}: its {what} could not be read to hash it ({error}); without "
+            f"its sha256 no key says what a result was made from, so nothing was converted, "
+            f"adopted or published. Fix the path or the store; the next run retries this row.")
+
+
+def decide(spec: ModelSpec, precision: str, key: str, source: Source, facts: dict,
+           row: dict | None, store: Store, force: bool) -> tuple[str, str]:
+    """Convert or skip one row whose inputs are all hashed; returns (action, reason)."""
     if force:
         return "convert", "--force"
     if row is None:
         return "convert", "new"
-    if row.get("status") == "failed" and row.get("key") == key:
+    if row.get("status") == "failed":
         return "convert", f"last attempt failed ({row.get('error_type')})"
     if row.get("key") != key:
-        if row.get("source_sha256") != source.sha256:
-            return "convert", "checkpoint changed"
-        if precision == "int8" and row.get("backend") != spec.backend:
-            return "convert", f"backend changed ({row.get('backend')} -> {spec.backend})"
-        return "convert", "settings, calibration data or versions changed"
+        return "convert", _why_key_changed(spec, precision, source, facts, row)
     if row.get("status") != "ok":
         return "convert", f"last status {row.get('status')}"
-    if not _artifact_present(row, store):
-        return "convert", "artifact missing from the store"
+    folder = layout.artifact_dir(spec.name, precision, key)
+    if not files_present(store, folder, row.get("files")):
+        return "convert", "artifact missing or incomplete in the store"
     return "skip", f"up to date (run {row.get('run_id')})"
 
 
-def _artifact_present(row: dict, store: Store) -> bool:
-    return store.exists(f"artifacts/{row['name']}/{row['precision']}/{row['key']}/{ARTIFACT_FILE}")
+def _why_key_changed(spec, precision, source, facts, row) -> str:
+    if row.get("source_sha256") != source.sha256:
+        return "checkpoint changed"
+    if precision == "int8" and row.get("backend") != spec.backend:
+        return f"backend changed ({row.get('backend')} -> {spec.backend})"
+    if (row.get("torch_version"), row.get("quantizer_version")) != \
+            (facts.get("torch"), facts.get("quantizer")):
+        return (f"versions changed (torch {row.get('torch_version')} -> {facts.get('torch')}, "
+                f"quantizer {row.get('quantizer_version')} -> {facts.get('quantizer')})")
+    return "settings, calibration data or factory code changed"
+
+
+def estimate_s(spec: ModelSpec, precisions: list[str], source: Source,
+               manifest: Manifest) -> float:
+    """Seconds one job is expected to take: the last run's ``duration_s`` of these rows when
+    the manifest has all of them, else an estimate from the checkpoint's size."""
+    last = [(manifest.get(spec.name, p) or {}).get("duration_s") for p in precisions]
+    if all(isinstance(d, (int, float)) and d > 0 for d in last):
+        return float(sum(last))
+    mb = source.bytes / 2**20
+    return sum(ESTIMATE_S_PER_MB[p] * mb for p in precisions) + 0.5
+
+
+def conversion_jobs(units: list[Unit], manifest: Manifest, store_uri: str, run_id: str,
+                    *, force: bool = False, per_precision: bool = False) -> list[ConversionJob]:
+    """One job per model with rows to convert, longest expected first.
+
+    ``per_precision``: one job per (model, precision) instead, for when there are more CPUs than
+    models (``split_by_precision``): each job then loads the model and computes the reference
+    itself, but the longest job, which bounds the run, is shorter.
+    """
+    by_model: dict[tuple, list[Unit]] = {}
+    for unit in units:
+        if unit.action == "convert":
+            group = (unit.spec.name, unit.precision if per_precision else None)
+            by_model.setdefault(group, []).append(unit)
+    jobs = []
+    for todo in by_model.values():
+        spec, source = todo[0].spec, todo[0].source
+        precisions = tuple(PrecisionJob(u.precision, u.inputs, u.key, force) for u in todo)
+        jobs.append(ConversionJob(spec, source, precisions, store_uri, run_id,
+                                  estimate_s(spec, [u.precision for u in todo], source, manifest)))
+    return sorted(jobs, key=lambda j: -j.estimate_s)
+
+
+def split_by_precision(models: int, cpus: int) -> bool:
+    """Fewer models than CPUs: one job per model would leave CPUs idle while the longest models
+    finish, so each precision gets its own job. They are shorter (the longest of the benchmark
+    zoo: 2.9 s against 3.8 s at one thread) but each loads the model and computes the reference
+    again (+18% CPU there), which only pays with CPUs to spare (docs/performance.md)."""
+    return models < cpus

@@ -25,6 +25,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from jobs.layout import TEMP_PREFIX
+
 # A lock whose holder has not refreshed it for this long is taken to be dead (the holder's
 # heartbeat refreshes it every LOCK_EXPIRY_S / 6). Same-host holders whose PID is gone are dead
 # at once.
@@ -252,7 +254,7 @@ class Store:
         if not self.is_local:
             self._call(self._put, target, data)
             return
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
+        tmp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
         try:
             self._call(self._put, tmp, data)
             os.replace(tmp, target)
@@ -271,43 +273,12 @@ class Store:
                 with open(data, "rb") as f:
                     shutil.copyfileobj(f, out, 8 << 20)
 
+    def put_file(self, rel: str, local_file: str) -> None:
+        """Write ``rel`` from a local file (one PUT; a retry starts again from the first byte)."""
+        self._call(self._put, self.path(rel), local_file)
+
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=False, default=str).encode())
-
-    def put_dir(self, local_dir: str, rel: str) -> bool:
-        """Publish a finished local folder as ``rel``; False if it was already there (local).
-
-        Local stores: copy aside into DEST, then one rename, so the folder appears whole or not at
-        all. Object stores have no rename: every file is (re)uploaded under ``rel``, a content
-        key, so a retried task writes the same model to the same place and a folder half-written
-        by a killed attempt is completed; the completion record written after it is the commit
-        (``model.pt`` is byte-stable, the TorchScript copy is not: the row lists what the
-        recorded attempt wrote).
-        """
-        if self.is_local:
-            return self._put_dir_local(local_dir, rel)
-        for dirpath, _, filenames in os.walk(local_dir):
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                sub = os.path.relpath(full, local_dir).replace(os.sep, "/")
-                self._call(self._put, self.path(f"{rel}/{sub}"), full)
-        return True
-
-    def _put_dir_local(self, local_dir: str, rel: str) -> bool:
-        target = Path(self.path(rel))
-        if target.is_dir():
-            return False
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".tmp-{uuid.uuid4().hex}-{target.name}"
-        try:
-            shutil.copytree(local_dir, tmp)
-            os.rename(tmp, target)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if target.is_dir():
-                return False
-            raise StoreError(f"output store {self.display}: writing {rel}: {e}") from e
-        return True
 
     def delete(self, rel: str) -> None:
         info = self._call(self.fs.get_file_info, self.path(rel))
@@ -316,18 +287,36 @@ class Store:
         elif info.type == pafs.FileType.File:
             self._call(self.fs.delete_file, self.path(rel))
 
-    def sweep_temporaries(self, rel: str = "artifacts") -> int:
-        """Delete ``.tmp-*`` leftovers of killed writers under ``rel`` (local stores only)."""
+    def sweep_temporaries(self, rel: str = "artifacts", *,
+                          older_than_s: float = LOCK_EXPIRY_S) -> int:
+        """Delete temporaries of killed writers under ``rel`` (local stores only).
+
+        A temporary is a killed writer's only when nothing in it changed for ``older_than_s``:
+        a live writer (a task of this run, or of a run that lost the lock and does not know
+        yet) is writing into its temporary right now, and its files are never swept.
+        """
         if not self.is_local or not os.path.isdir(self.path(rel)):
             return 0
-        count = 0
+        count, cutoff = 0, time.time() - older_than_s
         for dirpath, dirnames, filenames in os.walk(self.path(rel)):
-            for name in [n for n in dirnames + filenames if n.startswith(".tmp-")]:
+            for name in [n for n in dirnames + filenames if n.startswith(TEMP_PREFIX)]:
                 full = os.path.join(dirpath, name)
-                shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+                if _newest_mtime(full) >= cutoff:
+                    continue
+                if os.path.isdir(full):
+                    shutil.rmtree(full, ignore_errors=True)
+                else:
+                    os.remove(full)
                 count += 1
-            dirnames[:] = [d for d in dirnames if not d.startswith(".tmp-")]
+            dirnames[:] = [d for d in dirnames if not d.startswith(TEMP_PREFIX)]
         return count
+
+    def file_sizes(self, rel: str) -> dict[str, int]:
+        """``{relative path: bytes}`` of every file under ``rel`` (one listing)."""
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=True)
+        base = self.path(rel) + "/"
+        return {i.path[len(base):]: i.size for i in self._call(self.fs.get_file_info, sel)
+                if i.type == pafs.FileType.File}
 
     def check_reachable(self) -> None:
         """Fail early with a one-line StoreError when DEST's bucket is missing or forbidden."""
@@ -340,3 +329,20 @@ class Store:
 
     def _call(self, fn, *args, **kwargs):
         return retry_io(fn, *args, what=f"output store {self.display}", **kwargs)
+
+
+def child_uri(uri: str, name: str) -> str:
+    """``uri``/``name``: the child joins the path, a URI's ``?query`` (endpoint, region) stays."""
+    if "://" not in uri:
+        return os.path.join(uri, name)
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + name))
+
+
+def _newest_mtime(path: str) -> float:
+    newest = os.lstat(path).st_mtime
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest

@@ -69,7 +69,14 @@ class ModelSpec:
 @dataclass(frozen=True)
 class Zoo:
     path: str                           # the zoo file, as given
-    models: tuple[ModelSpec, ...]
+    models: tuple[ModelSpec, ...]       # the models ``--only`` selected, in file order
+    # Every model name in the file, whatever ``--only`` selected: retirement is computed from
+    # these (a model outside the selection is still in the zoo). Defaults to the models' names.
+    all_names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.all_names:
+            object.__setattr__(self, "all_names", tuple(m.name for m in self.models))
 
 
 # ---- walking the file -----------------------------------------------------------------------------
@@ -257,7 +264,8 @@ def load_zoo(path: str | os.PathLike, *, precisions: Sequence[str] | None = None
             is a problem.
 
     Returns:
-        The ``Zoo`` of the selected models, in file order, with defaults merged in.
+        The ``Zoo`` of the selected models, in file order, with defaults merged in; its
+        ``all_names`` lists every model of the file, selected or not.
 
     Raises:
         ZooError: listing every problem found (file, model, key, found, allowed). Files are
@@ -275,4 +283,4 @@ def load_zoo(path: str | os.PathLike, *, precisions: Sequence[str] | None = None
     base_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
     models = tuple(_build(m, base_dir, precisions, backend, calibration_batches)
                    for _, m in selected)
-    return Zoo(path=str(path), models=models)
+    return Zoo(path=str(path), models=models, all_names=tuple(e["name"] for _, e in entries))

@@ -21,8 +21,9 @@ PRECISIONS = ("fp16", "int8")
 BACKENDS = ("fbgemm", "qnnpack", "x86")
 OBSERVERS = ("default", "minmax")
 
-# Names become folders of the output store (artifacts/NAME/...), so no separators, no "." or "..".
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# Names become folders of the output store (artifacts/NAME/...), so no separators; and no leading
+# "." (so not "." or ".."): the store owns dot-names (.lock, .tmp-* temporaries it sweeps).
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 _FACTORY = re.compile(rf"{_DOTTED}:{_DOTTED}")
 
@@ -79,9 +80,9 @@ def _kwargs(v: Any) -> list[str]:
 positive_int = _rule(lambda v: _is_int(v) and v > 0, "a positive integer")
 _location = _rule(lambda v: isinstance(v, str) and v.strip() != "", "a path or URI")
 _number_or_null = _rule(lambda v: v is None or _is_number(v), "a number or null")
-_name = _rule(lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)) and v not in (".", ".."),
-              "a valid name; allowed: letters, digits, '.', '_', '-' (not '.' or '..': "
-              "names become folders of the output store)")
+_name = _rule(lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)),
+              "a valid name; allowed: letters, digits, '.', '_', '-', not starting with '.' "
+              "(names become folders of the output store, which keeps dot-names for itself)")
 
 VALUE_CHECKS: dict[str, Check] = {
     "name": _name,

@@ -14,8 +14,10 @@ from quantizer.errors import (  # noqa: F401  (re-exported)
     CheckpointError,
     CheckpointKeysError,
     ConfigError,
+    ConversionError,
     FactoryError,
     FidelityError,
+    GateNotMetError,
     InputShapeError,
     NotQuantizedError,
     QuantizerError,
@@ -24,16 +26,19 @@ from quantizer.errors import (  # noqa: F401  (re-exported)
     UnsafePickleError,
 )
 from quantizer.fp16 import to_fp16
-from quantizer.int8 import BACKENDS, OBSERVERS, quantized_fraction, to_int8
+from quantizer.int8 import BACKENDS, OBSERVERS, quantized_fraction, to_int8, to_int8_dynamic
 from quantizer.calibration import CalibrationData, read_calibration, write_calibration
 from quantizer.checkpoints import import_factory, load_model
 from quantizer.artifacts import load_artifact, save_artifact
-from quantizer.fidelity import measure_latency_ms, sqnr_db, top1_agreement
+from quantizer.fidelity import (measure_latency_ms, sqnr_db, sqnr_db_per_output, top1_agreement,
+                                top1_output)
+from quantizer.tuning import Gate, TuningConfig, TuningResult, tune_int8
 
 __all__ = [
     # conversions: one verb per precision
     "to_fp16",
     "to_int8",
+    "to_int8_dynamic",
     "BACKENDS",
     "OBSERVERS",
     "quantized_fraction",
@@ -48,11 +53,19 @@ __all__ = [
     "load_artifact",
     # fidelity of a converted model against its fp32 source
     "sqnr_db",
+    "sqnr_db_per_output",
+    "top1_output",
     "top1_agreement",
     "measure_latency_ms",
+    # accuracy-gated int8: the fewest layers in float that meet a gate
+    "tune_int8",
+    "Gate",
+    "TuningConfig",
+    "TuningResult",
     # errors
     "QuantizerError",
     "ConfigError",
+    "ConversionError",
     "CalibrationError",
     "TraceError",
     "InputShapeError",
@@ -63,5 +76,6 @@ __all__ = [
     "ArtifactError",
     "NotQuantizedError",
     "FidelityError",
+    "GateNotMetError",
     "SpeedupError",
 ]

@@ -45,6 +45,11 @@ class UnsafePickleError(CheckpointError):
     """A checkpoint needs full unpickling (it could run code) and that was not allowed."""
 
 
+class ConversionError(QuantizerError):
+    """A conversion cannot give a faithful model, e.g. a weight beyond fp16's range that no
+    rewrite can bring into it (the message names the tensor)."""
+
+
 class ArtifactError(QuantizerError):
     """An artifact file cannot be read back or is not one this tool wrote."""
 
@@ -59,3 +64,14 @@ class FidelityError(QuantizerError):
 
 class SpeedupError(QuantizerError):
     """The converted model is slower than the requested ``min_speedup``."""
+
+
+class GateNotMetError(FidelityError):
+    """No int8 model the tuner tried met the fidelity gate; the message names the best found.
+
+    ``best`` holds that best trial as a dict (recipe, float_layers, sqnr_db, top1_drop, ...).
+    """
+
+    def __init__(self, message: str, best: dict | None = None):
+        super().__init__(message)
+        self.best = best or {}

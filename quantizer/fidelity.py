@@ -1,6 +1,7 @@
 """Fidelity of a converted model against its fp32 source: SQNR, top-1 agreement, latency.
 
-Owns ``sqnr_db``, ``top1_agreement``, ``measure_latency_ms`` and ``flatten_outputs``. Pure torch:
+Owns ``sqnr_db`` (pooled) and ``sqnr_db_per_output``, ``top1_output`` (which output holds class
+scores) and ``top1_agreement``, ``measure_latency_ms`` and ``flatten_outputs``. Pure torch:
 must not import torch.ao.quantization, ray, click or ``jobs``.
 """
 
@@ -47,6 +48,22 @@ def _paired(reference: Any, test: Any) -> list[tuple[torch.Tensor, torch.Tensor]
     return list(zip(refs, tests))
 
 
+def _sqnr(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    signal = noise = 0.0
+    for ref, out in pairs:
+        ref32 = ref.detach().to(torch.float32)
+        diff = ref32 - out.detach().to(torch.float32)
+        signal += float(ref32.pow(2).sum())
+        noise += float(diff.pow(2).sum())
+    if math.isnan(signal) or math.isnan(noise):
+        return float("nan")
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)  # 10*log10 of power == 20*log10 of norm
+
+
 def sqnr_db(reference: Any, test: Any) -> float:
     """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB.
 
@@ -64,38 +81,74 @@ def sqnr_db(reference: Any, test: Any) -> float:
     Raises:
         ValueError: the outputs differ in structure or shape.
     """
-    signal = noise = 0.0
-    for ref, out in _paired(reference, test):
-        ref32 = ref.detach().to(torch.float32)
-        diff = ref32 - out.detach().to(torch.float32)
-        signal += float(ref32.pow(2).sum())
-        noise += float(diff.pow(2).sum())
-    if math.isnan(signal) or math.isnan(noise):
-        return float("nan")
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * math.log10(signal / noise)  # 10*log10 of power == 20*log10 of norm
+    return _sqnr(_paired(reference, test))
 
 
-def top1_agreement(reference: Any, test: Any) -> float:
-    """Share of rows whose argmax over the last dimension agrees.
+def sqnr_db_per_output(reference: Any, test: Any) -> list[float]:
+    """``sqnr_db`` of each output tensor alone, in ``flatten_outputs`` order.
+
+    A model whose outputs differ in scale (MTCNN: box offsets, probabilities) can hide a broken
+    small output in the pooled figure; this one cannot.
+
+    Raises:
+        ValueError: the outputs differ in structure or shape.
+    """
+    return [_sqnr([pair]) for pair in _paired(reference, test)]
+
+
+def top1_output(outputs: Any, output: int | None = None) -> int | None:
+    """Which output (``flatten_outputs`` index) holds class scores, for top-1 agreement.
 
     Args:
-        reference: the fp32 model's output; for tuples/lists/dicts the first tensor is compared.
+        outputs: a model's output (tensor, or tuple/list/dict of tensors).
+        output: the index the zoo names (``fidelity: {output: N}``), checked to exist; None: the
+            default rule, which picks output 0 only when the model has exactly one output
+            tensor and it is 2-D (``[batch, classes]``).
+
+    Returns:
+        The index, or None when no output counts as class scores by default.
+
+    Raises:
+        ValueError: ``output`` is not the index of an output tensor.
+    """
+    tensors = flatten_outputs(outputs)
+    if output is None:
+        return 0 if len(tensors) == 1 and tensors[0].dim() == 2 else None
+    if isinstance(output, bool) or not isinstance(output, int) or not 0 <= output < len(tensors):
+        shapes = ", ".join(f"{i}: {list(t.shape)}" for i, t in enumerate(tensors))
+        raise ValueError(f"fidelity output {output!r} is not an output index; the model's "
+                         f"outputs are {shapes}")
+    return output
+
+
+def top1_agreement(reference: Any, test: Any, output: int | None = None, *, dim: int = -1) -> float:
+    """Share of rows whose argmax over the class dimension agrees, on one output tensor.
+
+    Args:
+        reference: the fp32 model's output.
         test: the converted model's output, same structure.
+        output: index (``flatten_outputs`` order) of the class-score output; None: the one
+            ``top1_output`` picks by default.
+        dim: the class dimension of that output (every other dimension counts rows), e.g. 1
+            for a ``[B, C, H, W]`` map of per-pixel scores.
 
     Returns:
         A fraction in [0, 1].
 
     Raises:
-        ValueError: the compared tensors differ in shape or have no rows.
+        ValueError: no output is class scores by default (pass ``output``), a bad index, or the
+            compared tensors differ in shape or are empty.
     """
-    ref, out = _paired(flatten_outputs(reference)[0], flatten_outputs(test)[0])[0]
+    index = top1_output(reference, output)
+    if index is None:
+        shapes = [list(t.shape) for t in flatten_outputs(reference)]
+        raise ValueError(f"no output counts as class scores by default (outputs {shapes}; the "
+                         f"default needs exactly one [batch, classes] tensor): name it with "
+                         f"output=N (zoo: fidelity: {{output: N}})")
+    ref, out = _paired(reference, test)[index]
     if ref.numel() == 0:
         raise ValueError("cannot compare empty outputs")
-    agree = ref.detach().float().argmax(dim=-1) == out.detach().float().argmax(dim=-1)
+    agree = ref.detach().float().argmax(dim=dim) == out.detach().float().argmax(dim=dim)
     return float(agree.float().mean())
 
 

@@ -38,7 +38,11 @@ ACTIVATION_RANGES = ("full", "reduced")
 #    X86InductorQuantizer does, as far as FX's int8 kernels allow (docs/fidelity.md).
 QCONFIG_VERSIONS = (1, 2)
 QCONFIG_VERSION = 2
-SETTINGS_FIELDS = ("recipe", "backend", "observer", "activation_range", "qconfig_version")
+RECIPES = ("static", "dynamic")
+# the fields of an int8 settings dict, in order (rebuild_int8 refuses any other: an artifact from
+# a newer tool); the first five are what a static conversion's qconfig depends on
+SETTINGS_FIELDS = ("recipe", "backend", "observer", "activation_range", "qconfig_version",
+                   "float_layers", "forward_kwargs")
 
 # version 1: fbgemm/x86 kernels can overflow 16-bit accumulators with full-range activations
 _REDUCE_RANGE = {"fbgemm": True, "qnnpack": False, "x86": True}
@@ -165,27 +169,50 @@ def new_settings(backend: str, observer: str, act_range: str | None, version: in
             "activation_range": act_range, "qconfig_version": version}
 
 
+def _stored_range(settings: Mapping[str, Any], backend: str) -> str:
+    act_range = settings.get("activation_range")
+    if act_range not in (*ACTIVATION_RANGES, None):
+        raise ConfigError(f"unknown activation_range {act_range!r}; choose full or reduced")
+    if act_range is None:     # written before the range was recorded: version 1's rule
+        return "reduced" if _REDUCE_RANGE[backend] else "full"
+    # the range changes only the scales, which the state_dict carries: rebuilding a full-range
+    # artifact on a CPU where it is not exact is allowed (its outputs may then differ)
+    return act_range
+
+
 def checked_settings(settings: Mapping[str, Any]) -> dict:
-    """A stored ``int8_settings`` dict, checked; a missing version means 1 (quantize-all 0.1)."""
+    """A stored ``int8_settings`` dict, checked and completed (fields ``SETTINGS_FIELDS``).
+
+    A missing field takes the conversion's default, except ``qconfig_version``: missing means 1
+    (settings written before versions were recorded). Dynamic settings carry no qconfig.
+
+    Raises:
+        ConfigError: not a dict, unknown fields (written by a newer quantize-all), unknown
+            recipe, backend, observer, range or version, float_layers not a list of names.
+    """
     if not isinstance(settings, Mapping):
         raise ConfigError(f"int8 settings must be a dict, got {type(settings).__name__}")
     unknown = sorted(set(settings) - set(SETTINGS_FIELDS))
     if unknown:
         raise ConfigError(f"int8 settings hold unknown fields {', '.join(unknown)} (known: "
-                          f"{', '.join(SETTINGS_FIELDS)}): written by a newer quantize-all?")
-    if settings.get("recipe", "static") != "static":
-        raise ConfigError(f"int8 recipe {settings['recipe']!r} is not static")
-    backend, observer = settings.get("backend", "fbgemm"), settings.get("observer", "default")
+                          f"{', '.join(SETTINGS_FIELDS)}); written by a newer quantize-all? "
+                          "Convert the model again with this version")
+    recipe = settings.get("recipe", "static")
+    _check("int8 recipe", recipe, RECIPES)
+    floats = settings.get("float_layers") or []
+    if not isinstance(floats, list) or not all(isinstance(n, str) for n in floats):
+        raise ConfigError(f"int8 settings: float_layers must be a list of names, got {floats!r}")
+    backend = settings.get("backend", "fbgemm")
     _check("backend", backend, BACKENDS)
+    rest = {"float_layers": floats, "forward_kwargs": dict(settings.get("forward_kwargs") or {})}
+    if recipe == "dynamic":
+        return {"recipe": recipe, "backend": backend, "observer": None, "activation_range": None,
+                "qconfig_version": None, **rest}
+    observer = settings.get("observer") or "default"
     _check("observer", observer, OBSERVERS)
     version = settings.get("qconfig_version", 1)
     if version not in QCONFIG_VERSIONS:   # checked first: a newer mapping may know other ranges
-        return new_settings(backend, observer, None, version)
-    act_range = settings.get("activation_range")
-    if act_range not in (*ACTIVATION_RANGES, None):
-        raise ConfigError(f"unknown activation_range {act_range!r}; choose full or reduced")
-    # the range changes only the scales, which the state_dict carries: rebuilding a full-range
-    # artifact on a CPU where it is not exact is allowed (its outputs may then differ)
-    full = act_range == "full" or (act_range is None and not _REDUCE_RANGE[backend])
-    return {"recipe": "static", "backend": backend, "observer": observer,
-            "activation_range": "full" if full else "reduced", "qconfig_version": version}
+        new_settings(backend, observer, None, version)
+    return {"recipe": recipe, "backend": backend, "observer": observer,
+            "activation_range": _stored_range(settings, backend),
+            "qconfig_version": version, **rest}

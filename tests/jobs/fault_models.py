@@ -3,7 +3,8 @@
 Owns the test-only factories that Ray workers import (``tests.jobs.fault_models:...``): a small
 MLP, one whose forward stops at a *gate* the first time it runs (so a test can SIGKILL the worker
 or remove its node while a conversion is in flight), one that is not FX-traceable, an LSTM, models
-returning a tuple or a dict, and a factory that needs more memory than a node has. Workers import
+returning a tuple or a dict, one finite in fp32 that overflows fp16, a factory that raises past
+``except Exception``, and a factory that needs more memory than a node has. Workers import
 this module through PYTHONPATH = the repository root (see docs/reliability.md).
 Must not import ray, click or jobs.
 """
@@ -87,6 +88,27 @@ class DictOut(TinyMLP):
     def forward(self, x: torch.Tensor):
         h = torch.relu(self.fc1(x))
         return {"logits": self.fc2(h), "hidden": h}
+
+
+class Overflows(TinyMLP):
+    """Finite in fp32, but its hidden activations (~1e5) overflow fp16's 65504: inf in fp16."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.fc1.weight.fill_(1000.0)
+            self.fc1.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.abs() * 8)))
+
+
+class NotAnException(BaseException):
+    """Raised past every ``except Exception``: the task itself fails, and Ray does not retry."""
+
+
+def raises_base_exception() -> nn.Module:
+    raise NotAnException("a factory that escapes the task's error handling")
 
 
 def memory_hog(gib: float = 64.0) -> nn.Module:

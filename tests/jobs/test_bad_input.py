@@ -285,6 +285,8 @@ ZOO_ERRORS = {
     "name-absolute": ('models:\n  - {name: "/tmp/evil", factory: "m:f", checkpoint: a.pt}\n',
                       "key 'name'"),
     "name-is-dotdot": ('models:\n  - {name: "..", factory: "m:f", checkpoint: a.pt}\n', "key 'name'"),
+    "name-dot-tmp": ('models:\n  - {name: ".tmp-x", factory: "m:f", checkpoint: a.pt}\n',
+                     "key 'name': '.tmp-x' is not a valid name"),
 }
 
 

@@ -19,6 +19,7 @@ from jobs import driver
 from jobs.cli import main
 from jobs.zoo import load_zoo
 from tests.jobs.conftest import read_manifest, rows_by_key
+from tests.jobs.lock_race import crash_holding
 
 # Six models whose every row converts: a refresh of it must skip everything.
 HEADER = """\
@@ -218,31 +219,32 @@ def test_second_concurrent_run_exits_3(ray_local, six, tmp_path):
 
 def test_dead_holders_lock_is_taken_over(ray_local, six, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (out / ".lock").write_text(json.dumps({
-        "run_id": "crashed", "host": socket.gethostname(), "pid": dead.pid,
-        "started_at": "2026-01-01T00:00:00Z", "heartbeat": time.time()}))
+    crash_holding([str(out)], tmp_path)          # took the lock, then was SIGKILLed
+    assert json.loads((out / ".lock").read_text())["run_id"].startswith("crashed-")
     code, summary, _ = cli(six, "--out", out, "--only", "digits-mlp")
     assert code == 0 and summary["counts"]["ok"] == 2
     assert not (out / ".lock").exists()
 
 
-def test_live_foreign_lock_blocks_until_it_expires(ray_local, six, tmp_path):
-    from jobs.store import LOCK_EXPIRY_S
+def test_foreign_lock_blocks_until_seen_unchanged_for_the_expiry(ray_local, six, tmp_path,
+                                                                  monkeypatch):
+    from jobs import lock as lock_mod
 
     out = tmp_path / "out"
     out.mkdir()
     holder = {"run_id": "elsewhere", "host": "another-host", "pid": 1,
-              "started_at": "2026-01-01T00:00:00Z", "heartbeat": time.time()}
+              "boot_id": "boot-of-another-host", "started_at": "2026-01-01T00:00:00Z",
+              "heartbeat": time.time(), "beat": 0}
     (out / ".lock").write_text(json.dumps(holder))
     args = (six, "--out", out, "--only", "digits-mlp", "--precision", "fp16")
     assert cli(*args, "--dry-run")[0] == 0  # a dry run changes nothing and needs no lock
     code, _, stderr = cli(*args)
     assert code == 3 and "elsewhere" in stderr and "another-host" in stderr
-    holder["heartbeat"] = time.time() - LOCK_EXPIRY_S - 1
+    # Its heartbeat looks old by our clock, which proves nothing across hosts: the run watches
+    # the lock for the expiry (shortened here) and takes it over because it never changed.
+    holder["heartbeat"] = time.time() - 400
     (out / ".lock").write_text(json.dumps(holder))
+    monkeypatch.setattr(lock_mod, "LOCK_EXPIRY_S", 1.0)
     code, summary, _ = cli(*args)
     assert code == 0 and summary["counts"]["ok"] == 1
 

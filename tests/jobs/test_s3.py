@@ -13,6 +13,7 @@ import io
 import json
 import socket
 import threading
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -22,8 +23,7 @@ from click.testing import CliRunner
 
 from jobs import store as store_mod
 from jobs.cli import main
-from jobs.lock import StoreLock
-from jobs.store import LockHeldError, Store, TransientStoreError
+from jobs.store import Store, TransientStoreError
 
 pytestmark = pytest.mark.slow
 
@@ -290,29 +290,6 @@ def test_missing_bucket_exits_4_with_a_one_line_cause(moto, s3_zoo):
     assert SECRET_KEY not in output and ACCESS_KEY not in output
 
 
-def test_lock_on_s3_uses_conditional_writes(moto):
-    store = Store(s3_uri(moto, "locked"))
-    first, second = StoreLock(store, "run-1"), StoreLock(store, "run-2")
-    assert first.mode == "s3-conditional"
-    first.acquire()
-    with pytest.raises(LockHeldError, match="run-1"):
-        second.acquire()
-    first.heartbeat()
-    assert json.loads(store.read_bytes(".lock"))["heartbeat"] == first.holder["heartbeat"]
-    # A dead holder (another host, heartbeat older than the expiry): two runs race to take it
-    # over from the same ETag, and S3 lets exactly one of them win.
-    dead = dict(first.holder, host="elsewhere", heartbeat=0)
-    assert first.backend.take_over(first.backend.read()[1], json.dumps(dead).encode())
-    _, etag = second.backend.read()
-    third = StoreLock(store, "run-3")
-    assert second.backend.take_over(etag, second._blob()) is True
-    assert third.backend.take_over(etag, third._blob()) is False
-    first.release()                  # no longer its lock: left alone
-    assert json.loads(store.read_bytes(".lock"))["run_id"] == "run-2"
-    second.release()
-    assert store.read_bytes(".lock") is None
-
-
 # -- the whole CLI on S3 ----------------------------------------------------------------------
 def run_and_check(moto, zoo, prefix: str) -> tuple[dict, str]:
     """Convert into s3://BUCKET/PREFIX, check the manifest against the bucket, verify, rerun."""
@@ -358,3 +335,75 @@ def test_store_errors_mid_run_are_retried_and_nothing_is_lost(ray_local, moto, s
     proxy.fail_writes_when(b"/out-faults/artifacts/", 12)
     run_and_check(moto, s3_zoo, "out-faults")
     assert proxy.failed - before == 12
+
+
+# -- integrity on S3 (issue 10, items 3 and 11) --------------------------------------------------
+def test_a_calibration_folder_uri_with_a_query_is_hashed(moto):
+    """Shard URIs keep the folder URI's ?endpoint_override=...: the data is part of the key."""
+    from jobs.plan import SourceHasher
+    from quantizer.calibration import write_calibration
+
+    folder, rng = f"{BUCKET}/src/calib/changing", np.random.default_rng(1)
+    rows = rng.random((64, 16), dtype=np.float32)
+    write_calibration(folder, rows, rows_per_shard=32, filesystem=moto["fs"])
+    uri = s3_uri(moto, "src/calib/changing/")
+    first = SourceHasher(Store(s3_uri(moto, "hash-cache-1"))).digest_dataset(uri)
+    assert len(first) == 64
+    write_calibration(folder, rows * 2, rows_per_shard=32, filesystem=moto["fs"])
+    assert SourceHasher(Store(s3_uri(moto, "hash-cache-2"))).digest_dataset(uri) != first
+
+
+def _race_job(moto, dest: str, folder: Path):
+    """One TinyMLP (fp16 + int8) with its checkpoint and calibration data in the bucket."""
+    from jobs.convert import worker_facts
+    from jobs.manifest import Manifest
+    from jobs.plan import conversion_jobs, make_plan
+    from jobs.sources import SourceHasher
+    from jobs.zoo import load_zoo
+    from quantizer.calibration import write_calibration
+    from tests.jobs import fault_models as fm
+
+    fs, rng = moto["fs"], np.random.default_rng(2)
+    write_calibration(f"{BUCKET}/race/calib", rng.standard_normal((96, 16), dtype=np.float32),
+                      filesystem=fs)
+    buf = io.BytesIO()
+    torch.save(fm.TinyMLP().state_dict(), buf)
+    with fs.open_output_stream(f"{BUCKET}/race/m.pt") as f:
+        f.write(buf.getvalue())
+    zoo = folder / "race.yaml"
+    zoo.write_text(json.dumps({"models": [{
+        "name": "m", "factory": "tests.jobs.fault_models:TinyMLP",
+        "checkpoint": s3_uri(moto, "race/m.pt"),
+        "calibration": {"data": s3_uri(moto, "race/calib/"), "batches": 2, "batch_size": 16}}]}))
+    store = Store(dest)
+    units = make_plan(load_zoo(zoo), Manifest(), store, SourceHasher(store), worker_facts())
+    (job,) = conversion_jobs(units, Manifest(), dest, "race-run")
+    return job, store
+
+
+def _describes_the_store(row: dict, store) -> bool:
+    import hashlib
+
+    folder = f"artifacts/{row['name']}/{row['precision']}/{row['key']}"
+    return all(hashlib.sha256(store.read_bytes(f"{folder}/{f['path']}")).hexdigest() == f["sha256"]
+               for f in row["files"])
+
+
+def test_two_attempts_at_one_key_leave_rows_that_describe_the_stored_bytes(moto, tmp_path):
+    """A task of a killed driver and the rerun's task convert the same key at once: the later
+    one's uploads must not replace the files the earlier one's row describes."""
+    from dataclasses import replace
+
+    from jobs import layout
+    from jobs.convert import convert_model
+
+    job, store = _race_job(moto, s3_uri(moto, "race/out"), tmp_path)
+    first = convert_model(job, store=store)
+    for row in first:   # the second attempt started before the first wrote its records
+        store.delete(layout.record_path("m", row["precision"], row["key"]))
+    second = convert_model(job, store=store, attempt=2)
+    assert [r["status"] for r in first + second] == ["ok"] * 4
+    assert all(_describes_the_store(r, store) for r in first + second)
+    forced = replace(job, precisions=tuple(replace(p, replace=True) for p in job.precisions))
+    third = convert_model(forced, store=store, attempt=3)      # --force: fresh files win
+    assert all(_describes_the_store(r, store) for r in third)

@@ -16,9 +16,10 @@ import uuid
 import torch
 from torch import nn
 
-from jobs.driver import payload_of
+from jobs.convert import worker_facts
 from jobs.manifest import Manifest
-from jobs.plan import SourceHasher, make_plan
+from jobs.plan import conversion_jobs, make_plan
+from jobs.sources import SourceHasher
 from jobs.store import Store
 from jobs.zoo import load_zoo
 
@@ -36,7 +37,7 @@ class ThreadProbe(nn.Module):
                 json.dump({"pid": os.getpid(), "threads": torch.get_num_threads()}, f)
 
 
-def _payloads(tmp_path, probe_dir):
+def _jobs(tmp_path, probe_dir):
     torch.save(ThreadProbe().state_dict(), tmp_path / "probe.pt")
     lines = ["defaults: {precisions: [fp16]}", "models:"]
     for i in range(len(SIZES)):
@@ -45,8 +46,10 @@ def _payloads(tmp_path, probe_dir):
     (tmp_path / "zoo.yaml").write_text("\n".join(lines) + "\n")
     zoo = load_zoo(tmp_path / "zoo.yaml")
     store = Store(str(tmp_path / "out"))
-    units = make_plan(zoo, Manifest.load(store), store, SourceHasher(store))
-    return [payload_of(u, store, "threads-test") for u in units]
+    manifest = Manifest.load(store)
+    units = make_plan(zoo, manifest, store, SourceHasher(store), worker_facts())
+    jobs = conversion_jobs(units, manifest, store.uri, "threads-test")
+    return sorted(jobs, key=lambda j: j.name)
 
 
 def test_tasks_use_exactly_their_cpus_on_reused_workers(ray_local, tmp_path):
@@ -55,9 +58,9 @@ def test_tasks_use_exactly_their_cpus_on_reused_workers(ray_local, tmp_path):
     probe_dir = tmp_path / "probes"
     probe_dir.mkdir()
     seen = []
-    for cpus, payload in zip(SIZES, _payloads(tmp_path, probe_dir)):
+    for cpus, job in zip(SIZES, _jobs(tmp_path, probe_dir)):
         before = set(os.listdir(probe_dir))
-        row = ray_local.get(convert_task.options(num_cpus=cpus).remote(payload, None))
+        (row,) = ray_local.get(convert_task.options(num_cpus=cpus).remote(job, None))["rows"]
         assert row["status"] == "ok", row["error_message"]
         assert row["threads"] == cpus, (cpus, row)
         (new,) = set(os.listdir(probe_dir)) - before

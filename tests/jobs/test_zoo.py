@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import yaml
 
+from jobs.manifest import Manifest, blank_row
 from jobs.zoo import (
     BACKENDS,
     OBSERVERS,
@@ -129,6 +130,17 @@ def test_overrides_replace_the_file_values(tmp_path):
 def test_only_globs_select_models_in_file_order(tmp_path, only, expected):
     zoo = load_zoo(write(tmp_path, GOOD), only=only)
     assert [m.name for m in zoo.models] == expected
+    assert zoo.all_names == ("resnet18", "tiny-mlp", "tiny-cnn")   # the file's, not the selection
+
+
+def test_retirement_follows_the_file_not_the_only_selection(tmp_path):
+    """``--only tiny-mlp`` must not retire resnet18 and tiny-cnn (they are still in the file)."""
+    rows = [blank_row(name=n, precision="fp16", status="ok")
+            for n in ("resnet18", "tiny-mlp", "tiny-cnn", "dropped")]
+    manifest = Manifest(rows)
+    zoo = load_zoo(write(tmp_path, GOOD), only=["tiny-mlp"])
+    assert manifest.mark_retired(set(zoo.all_names)) == [("dropped", "fp16")]
+    assert [r["name"] for r in manifest.sorted_rows() if r["retired"]] == ["dropped"]
 
 
 def test_only_matching_nothing_is_a_problem(tmp_path):
@@ -220,6 +232,10 @@ def test_file_shape_problems(tmp_path, text, expected):
     ({"name": "'a/b'"}, "name", "'a/b' is not a valid name; allowed: letters"),
     ({"name": "'..'"}, "name", "'..' is not a valid name"),
     ({"name": "'.'"}, "name", "'.' is not a valid name"),
+    # the store owns dot-names: a model '.tmp-x' would be swept as a temporary by every run
+    ({"name": "'.tmp-x'"}, "name", "'.tmp-x' is not a valid name; allowed: letters, digits, "
+                                   "'.', '_', '-', not starting with '.'"),
+    ({"name": "'.hidden'"}, "name", "'.hidden' is not a valid name"),
     ({"name": "'a b'"}, "name", "'a b' is not a valid name"),
     ({"name": "[a]"}, "name", "['a'] is not a valid name"),
     ({"name": "7"}, "name", "7 is not a valid name"),

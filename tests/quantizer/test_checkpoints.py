@@ -234,9 +234,10 @@ def test_fp16_artifact_round_trip_is_bit_identical(tiny, tmp_path):
     files = save_artifact(half, folder, _recipe("fp16"), X[:1].half())
     assert [f["path"] for f in files] == ["model.pt", "recipe.json", "model.torchscript.pt"]
     _check_files(folder, files)
-    assert json.loads((folder / "recipe.json").read_text()) == _recipe("fp16")
+    assert json.loads((folder / "recipe.json").read_text()) == {**_recipe("fp16"),
+                                                                 "fp16_adjustments": []}
     payload = torch.load(folder / "model.pt", weights_only=True)
-    assert payload["format"] == "quantize-all-artifact" and payload["format_version"] == 1
+    assert payload["format"] == "quantize-all-artifact" and payload["format_version"] == 2
     with torch.no_grad():
         expected = half(X.half())
         for source in (folder, folder / "model.pt", (folder / "model.pt").as_uri()):
@@ -250,12 +251,13 @@ def test_fp16_artifact_round_trip_is_bit_identical(tiny, tmp_path):
 
 
 def test_untraceable_model_still_gets_an_artifact(tiny, tmp_path):
-    folder = tmp_path / "art"
-    save_artifact(tiny[0], folder, _recipe("fp16"), X[:1])      # traceable: a TorchScript copy
-    files = save_artifact(tiny[0], folder, _recipe("fp16"), torch.zeros(1, 3, 8, 8))  # wrong shape
+    folder, half = tmp_path / "art", to_fp16(tiny[0])
+    save_artifact(half, folder, _recipe("fp16"), X[:1].half())     # traceable: a TorchScript copy
+    files = save_artifact(half, folder, _recipe("fp16"), torch.zeros(1, 3, 8, 8).half())  # wrong shape
     assert [f["path"] for f in files] == ["model.pt", "recipe.json"]
     recipe = json.loads((folder / "recipe.json").read_text())
-    assert "RuntimeError" in recipe.pop("torchscript_error") and recipe == _recipe("fp16")
+    assert "RuntimeError" in recipe.pop("torchscript_error")
+    assert recipe == {**_recipe("fp16"), "fp16_adjustments": []}
     _check_files(folder, files)
     assert load_artifact(folder).fc.weight.dtype == torch.float16
 
@@ -275,7 +277,8 @@ class _CountsCalls(torch.nn.Module):
 
 def test_traced_copy_that_disagrees_with_the_module_is_dropped(tmp_path):
     folder = tmp_path / "art"
-    files = save_artifact(_CountsCalls(), folder, _recipe("fp16"), torch.ones(1, 4))
+    recipe = _recipe("fp16", input_shape=[4], input_dtype="float32")
+    files = save_artifact(_CountsCalls(), folder, recipe, torch.ones(1, 4))
     assert [f["path"] for f in files] == ["model.pt", "recipe.json"]
     recipe = json.loads((folder / "recipe.json").read_text())
     assert "outputs differ from the module's on the example" in recipe["torchscript_error"]
@@ -299,9 +302,9 @@ def test_bad_artifacts_name_the_path(tiny, tmp_path):
         load_artifact(tmp_path / "junk.pt")
     save_artifact(to_fp16(model), tmp_path / "art", _recipe("fp16"), X[:1].half())
     payload = torch.load(tmp_path / "art" / "model.pt", weights_only=True)
-    torch.save({**payload, "format_version": 2}, tmp_path / "v2.pt")
-    with pytest.raises(ArtifactError, match=r"v2\.pt: artifact format_version 2"):
-        load_artifact(tmp_path / "v2.pt")
+    torch.save({**payload, "format_version": 3}, tmp_path / "v3.pt")
+    with pytest.raises(ArtifactError, match=r"v3\.pt: artifact format_version 3"):
+        load_artifact(tmp_path / "v3.pt")
     torch.save({**payload, "recipe": _recipe("fp16", kwargs={"width": 4})}, tmp_path / "w4.pt")
     with pytest.raises(ArtifactError, match=r"w4\.pt: state_dict does not fit.*shape mismatches"):
         load_artifact(tmp_path / "w4.pt")

@@ -1,4 +1,5 @@
-"""sqnr_db, top1_agreement and measure_latency_ms against hand-computed numbers."""
+"""sqnr_db (pooled and per output), top1_agreement / top1_output and measure_latency_ms against
+hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantizer.fidelity import flatten_outputs, measure_latency_ms, sqnr_db, top1_agreement
+from quantizer.fidelity import (flatten_outputs, measure_latency_ms, sqnr_db, sqnr_db_per_output,
+                               top1_agreement, top1_output)
 
 
 def test_sqnr_matches_the_definition():
@@ -46,8 +48,56 @@ def test_top1_agreement_counts_rows():
     reference = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
     test = torch.tensor([[0.8, 0.2], [0.1, 0.9], [0.4, 0.6], [0.2, 0.8]])  # row 2 flips
     assert top1_agreement(reference, test) == pytest.approx(0.75)
-    # tuples: the first tensor decides; fp16 outputs compare directly
-    assert top1_agreement((reference, torch.ones(3)), (test.half(), torch.zeros(3))) == 0.75
+    assert top1_agreement(reference, test.half()) == pytest.approx(0.75)  # fp16 compares directly
+
+
+def test_top1_is_measured_on_the_named_output_only():
+    boxes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    flipped = torch.tensor([[0.8, 0.2], [0.1, 0.9], [0.4, 0.6], [0.2, 0.8]])  # row 2 flips
+    # MTCNN-like (box regression, face probability): the boxes all flip, the scores one row in four
+    ref, got = (boxes, scores), (boxes.flip(1), flipped)
+    assert top1_agreement(ref, got, output=1) == pytest.approx(0.75)
+    assert top1_agreement(ref, got, output=0) == 0.0
+    # dicts count in key order, like flatten_outputs
+    assert top1_agreement({"prob": scores, "box": boxes}, {"prob": flipped, "box": boxes},
+                          output=1) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match=r"no output counts as class scores.*fidelity: \{output: N\}"):
+        top1_agreement(ref, got)
+    with pytest.raises(ValueError, match=r"output 2 is not an output index.*0: \[4, 2\], 1: \[4, 2\]"):
+        top1_agreement(ref, got, output=2)
+
+
+def test_top1_along_a_class_dimension_of_a_score_map():
+    # PNet-style [B, 2, H, W] face-probability maps: the class dimension is 1, rows are B*H*W
+    ref = torch.zeros(2, 2, 3, 3)
+    ref[:, 0] = 1.0
+    got = ref.clone()
+    got[1, :, 2, 2] = torch.tensor([0.0, 1.0])            # one pixel of 18 flips
+    assert top1_agreement(ref, got, output=0, dim=1) == pytest.approx(17 / 18)
+
+
+def test_top1_output_default_rule():
+    assert top1_output(torch.zeros(4, 10)) == 0                          # one [B, C] tensor
+    assert top1_output((torch.zeros(4, 10),)) == 0
+    assert top1_output(torch.zeros(4, 2, 5, 5)) is None                  # a map, not [B, C]
+    assert top1_output(torch.zeros(4)) is None
+    assert top1_output((torch.zeros(4, 4), torch.zeros(4, 2))) is None   # two outputs: say which
+    assert top1_output((torch.zeros(4, 4), torch.zeros(4, 2)), 1) == 1
+    for bad in (-1, 2, True, "1"):
+        with pytest.raises(ValueError, match="not an output index"):
+            top1_output((torch.zeros(4, 4), torch.zeros(4, 2)), bad)
+
+
+def test_sqnr_per_output_separates_what_pooling_hides():
+    big, small = torch.full((100,), 100.0), torch.ones(4)
+    ref, got = (big, small), (big + 0.1, small * 0.5)      # small output broken: 6.0 dB alone
+    per = sqnr_db_per_output(ref, got)
+    assert per[0] == pytest.approx(60.0, abs=1e-3) and per[1] == pytest.approx(6.0206, abs=1e-3)
+    assert sqnr_db(ref, got) > 50.0                        # pooled, the big output drowns it
+    assert sqnr_db_per_output(big, big.clone()) == [math.inf]
+    with pytest.raises(ValueError, match="structure"):
+        sqnr_db_per_output(ref, big)
 
 
 class _Sleeper(nn.Module):

@@ -186,7 +186,8 @@ def test_int8_settings_are_recorded(attention):
     settings = attention["swin"]["new"].int8_settings
     assert settings == {"recipe": "static", "backend": "fbgemm", "observer": "default",
                         "activation_range": activation_range("fbgemm"),
-                        "qconfig_version": QCONFIG_VERSION}
+                        "qconfig_version": QCONFIG_VERSION, "float_layers": [],
+                        "forward_kwargs": {}}
     assert tuple(settings) == SETTINGS_FIELDS
     assert json.loads(json.dumps(settings, allow_nan=False)) == settings
     assert attention["swin"]["today"].int8_settings["qconfig_version"] == 1
