@@ -264,7 +264,10 @@ def dequantize_float_inputs(graph_module: fx.GraphModule, example: tuple,
     quantize`` into a quantized LayerNorm even for a LayerNorm configured to stay float, and when
     that LayerNorm's output has other users too it removes the ``dequantize`` but leaves the float
     module reading a quantized tensor. One run on ``example`` finds every op of ``float_ops``
-    that receives a quantized tensor; a ``dequantize`` is inserted before each.
+    that receives a quantized tensor; a ``dequantize`` is inserted before each. Except where FX
+    meant it: an op that shares its input's qparams (``x.mean`` of an int8 conv's output, in a
+    CNN's global pooling) runs in int8 and int8 ops read its output as it is, with no quantize
+    between; such an op, whose int8 output an op other than ``dequantize`` reads, stays int8.
 
     Args:
         graph_module: a converted FX graph (modified in place).
@@ -281,6 +284,9 @@ def dequantize_float_inputs(graph_module: fx.GraphModule, example: tuple,
         def run_node(self, node: fx.Node) -> Any:
             if not _is_float_op(node, modules, float_ops):
                 return super().run_node(node)
+            kept = _int8_output_read_as_is(self, node)
+            if kept is not None:
+                return kept
             for arg in node.all_input_nodes:
                 value = self.env[arg]
                 if isinstance(value, torch.Tensor) and value.is_quantized:
@@ -298,6 +304,18 @@ def dequantize_float_inputs(graph_module: fx.GraphModule, example: tuple,
             node.replace_input_with(arg, graph_module.graph.call_method("dequantize", (arg,)))
     graph_module.recompile()
     return len(fixes)
+
+
+def _int8_output_read_as_is(probe: fx.Interpreter, node: fx.Node) -> torch.Tensor | None:
+    """``node``'s output run as FX built it, if that is a quantized tensor that an op other than
+    ``dequantize`` reads; None otherwise (the op fails or gives float on int8 inputs)."""
+    if all(is_dequantize(user) for user in node.users):
+        return None
+    try:
+        out = fx.Interpreter.run_node(probe, node)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    return out if isinstance(out, torch.Tensor) and out.is_quantized else None
 
 
 def _dequantized(value: Any) -> Any:
