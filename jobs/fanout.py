@@ -165,8 +165,14 @@ class Fanout:
                     self.running = len(pending)
                     yield self._collect(ref, job)
         finally:
-            for ref in pending:        # stopped early (Ctrl-C, a lost lock): free the cluster
-                ray.cancel(ref)
+            # Stopped early (Ctrl-C, a lost lock): the tasks still running are not cancelled.
+            # ray.cancel races a task whose reply is arriving and aborts this process in Ray
+            # 2.60 ("Tried to complete task that was not pending", ray-project/ray#54785), which
+            # would skip the manifest write and the lock release. A local Ray is shut down in
+            # the driver's close(); on a cluster, the CLI's exit ends its Ray job, and Ray kills
+            # the workers of a finished job. A task that finishes first leaves a completion
+            # record, which the next run adopts.
+            self.running = 0
 
     def _submit(self, job: ConversionJob, cpus: int, tables: dict):
         from jobs.task import convert_task
