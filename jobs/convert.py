@@ -8,34 +8,33 @@ gates and publishes on its own, so one failing precision never sinks the other. 
 on what this worker runs (``worker_facts``, ``jobs.keys``). Errors become ``failed`` rows, except
 transient store errors, which are raised so Ray retries the task (what was already published is
 then adopted, not redone). The library is called at five places (``_load``, ``_data``,
-``_convert``, ``_measure``, ``_save``), so new options wire in there. Must not import ray or click.
+``_convert``, ``_measure``, and ``jobs.artifact.publish``), so new options wire in there; the
+int8 conversion is ``jobs.tune`` (``quantizer.tune_int8``: the zoo's gate, recipe and budget;
+its sensitivity pass through the ``map_chunks`` the task gives). Must not import ray or click.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import shutil
 import socket
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
 import quantizer
-from jobs import layout, measure
+from jobs import artifact, flags, layout, measure, tune
+from jobs.artifact import PUBLISHED_FIELDS  # noqa: F401  (re-exported)
 from jobs.keys import content_key
 from jobs.manifest import blank_row, now_iso
 from jobs.plan import ConversionJob, PrecisionJob
-from jobs.publish import intact_record, publish_dir, stored_files
+from jobs.publish import intact_record
 from jobs.sources import one_file_filesystem
 from jobs.store import (Store, TransientStoreError, is_transient, redact_text, redact_uri,
                          with_backoff)
-
-PUBLISHED_FIELDS = ("artifact_uri", "artifact_sha256", "artifact_bytes", "size_ratio", "files")
 
 
 class SourceChangedError(Exception):
@@ -51,7 +50,8 @@ def worker_facts() -> dict:
 
 
 def convert_model(job: ConversionJob, table=None, *, store: Store | None = None,
-                  attempt: int = 1, device: str = "cpu", node: str | None = None) -> list[dict]:
+                  attempt: int = 1, device: str = "cpu", node: str | None = None,
+                  map_chunks: Callable | None = None) -> list[dict]:
     """Convert every precision of ``job``; return one manifest row per precision.
 
     Args:
@@ -60,6 +60,8 @@ def convert_model(job: ConversionJob, table=None, *, store: Store | None = None,
         attempt: which attempt at this job this is (for the rows' ``attempts``).
         device: where fp16 is measured (``measure.fp16_device``).
         node: the worker's name for the rows (default: this host's name).
+        map_chunks: runs int8 sensitivity chunks (``quantizer.tune_int8``'s argument; the Ray
+            task fans them out); None: in this process.
 
     Raises:
         TransientStoreError: the store failed in a way worth retrying (Ray retries the task).
@@ -76,7 +78,8 @@ def convert_model(job: ConversionJob, table=None, *, store: Store | None = None,
         else:
             todo.append((pj, key))
     if todo:
-        where = _Where(store, facts, attempt, device, node or socket.gethostname(), now_iso())
+        where = _Where(store, facts, attempt, device, node or socket.gethostname(), now_iso(),
+                       map_chunks)
         rows += _convert_all(job, todo, table, where, t0)
     return rows
 
@@ -91,13 +94,16 @@ class _Where:
     device: str
     node: str
     started: str
+    map_chunks: Callable | None = None
 
 
 def _convert_all(job, todo, table, where: _Where, t0: float) -> list[dict]:
     try:
         model = _load(job)
         calib, held_out, note = _data(job, table)
-        ref = measure.reference(job.name, model, held_out) if held_out is not None else None
+        ref = None if held_out is None else measure.reference(
+            job.name, model, held_out[0], forward_kwargs=dict(job.spec.forward_kwargs),
+            top1_output=job.spec.fidelity.output)
         sizes = {"params": sum(t.numel() for t in model.parameters()),
                  "fp32_bytes": _state_bytes(model)}
     except Exception as e:  # noqa: BLE001  (one bad model never sinks the batch)
@@ -111,7 +117,7 @@ def _convert_all(job, todo, table, where: _Where, t0: float) -> list[dict]:
         row = _row(job, pj, key, where)
         t1 = time.perf_counter()
         try:
-            out = _one(job, pj, key, model, calib, ref, dict(sizes), where)
+            out = _one(job, pj, key, model, (calib, held_out), ref, dict(sizes), where)
             notes = [row["notes"], note, *out.pop("notes")]
             row.update(out, notes="; ".join(n for n in notes if n) or None)
             error = None
@@ -191,13 +197,17 @@ def _load(job: ConversionJob):
             f"model {job.name}: checkpoint {name} changed since this run planned it (sha256 "
             f"{job.source.sha256[:12]}… planned, {sha[:12]}… read now); it is not converted "
             f"under the old key. Run again to convert the new file.")
-    return quantizer.load_model(job.spec.factory, name, kwargs=dict(job.spec.kwargs),
-                                allow_pickle=job.spec.allow_pickle,
-                                filesystem=one_file_filesystem(data))
+    spec = job.spec
+    return quantizer.load_model(spec.factory, name, kwargs=dict(spec.kwargs),
+                                allow_pickle=spec.allow_pickle,
+                                filesystem=one_file_filesystem(data),
+                                checkpoint_key=spec.checkpoint_key,
+                                ignore_keys=spec.ignore_keys, strip_prefix=spec.strip_prefix)
 
 
 def _data(job: ConversionJob, table):
-    """Calibration batches first, then held-out rows for fidelity (or a note saying why not)."""
+    """Calibration batches first, then held-out ``(inputs, targets)`` for fidelity (or a note
+    saying why not; ``targets`` is None without a ``target`` column)."""
     cal = job.spec.calibration
     if not cal.data:
         return None, None, "no calibration data: fidelity and latency not measured"
@@ -216,22 +226,20 @@ def _data(job: ConversionJob, table):
     calib = quantizer.CalibrationData.from_table(table.slice(0, n_cal), cal.batch_size,
                                                  source=source)
     held_out = next(iter(quantizer.CalibrationData.from_table(
-        eval_table, measure.FIDELITY_ROWS, source=source)))[0]
+        eval_table, measure.FIDELITY_ROWS, source=source)))
     return calib, held_out, note
 
 
-def _convert(job: ConversionJob, precision: str, model, calib):
+def _convert(job: ConversionJob, precision: str, model, data, map_chunks) -> tune.Tuned:
+    """fp16, or int8 through ``jobs.tune``; the row fields say the recipe (and how it was
+    found)."""
     if precision == "fp16":
-        return quantizer.to_fp16(model), 0
+        return tune.Tuned(quantizer.to_fp16(model), {"recipe": "fp16"}, {})
+    calib, held_out = data
     if calib is None:
         raise quantizer.CalibrationError(
             f"model {job.name}: int8 needs calibration data; set calibration.data in the zoo")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", quantizer.int8.CalibrationWarning)
-        converted = quantizer.to_int8(model, calib,
-                                      calibration_batches=job.spec.calibration.batches,
-                                      backend=job.spec.backend, observer=job.spec.observer)
-    return converted, int(converted.calibration_batches_used)
+    return tune.tune(job.name, job.spec, model, calib, held_out[0], held_out[1], map_chunks)
 
 
 def _measure(job, precision, ref, model, converted, device) -> dict:
@@ -240,26 +248,28 @@ def _measure(job, precision, ref, model, converted, device) -> dict:
     return measure.measure_fp16(job.name, ref, model, converted, device)
 
 
-def _save(converted, recipe: dict, example) -> tuple[str, list[dict]]:
-    folder = tempfile.mkdtemp(prefix="quantize-all-")
-    return folder, quantizer.save_artifact(converted, folder, recipe, example)
-
-
 # -- one precision --------------------------------------------------------------------------
 
-def _one(job, pj, key, model, calib, ref, out: dict, where: _Where) -> dict:
+def _one(job, pj, key, model, data, ref, out: dict, where: _Where) -> dict:
     """Convert, measure, gate and publish one precision; ``out`` starts with the model's sizes.
     Returns the row's fields, with ``notes`` as a list."""
-    converted, used = _convert(job, pj.precision, model, calib)
+    made = _convert(job, pj.precision, model, data, where.map_chunks)
+    converted = made.model
     if pj.precision == "fp16" and where.device == "cpu":
         converted = converted.to(memory_format=torch.channels_last)   # see jobs.measure
-    out.update(calibration_batches=used,
+    settings = getattr(converted, "int8_settings", None) or {}
+    out.update(made.fields, calibration_batches=int(getattr(converted,
+                                                            "calibration_batches_used", 0)),
                quantized_fraction=_quantized_fraction(pj.precision, converted, model))
+    if "observer" in settings:      # a dynamic model has none (null); the row says what ran
+        out["observer"] = settings["observer"]
     if ref is not None:
         out.update(_measure(job, pj.precision, ref, model, converted, where.device))
     out["notes"] = [out.pop("fidelity_note", None), out.pop("latency_note", None)]
     measure.check_gates(job.name, job.spec, pj.precision, out)
-    out.update(_publish(job, pj, key, converted, ref, out, where.store))
+    out["notes"] += flags.flag_texts(dict(out, precision=pj.precision))
+    out.update(artifact.publish(job, pj, key, converted, ref, out["fp32_bytes"], where.store,
+                                made.sensitivity))
     return out
 
 
@@ -269,42 +279,6 @@ def _quantized_fraction(precision: str, converted, fp32) -> float:
     total = sum(t.numel() for t in converted.parameters())
     half = sum(t.numel() for t in converted.parameters() if t.dtype == torch.float16)
     return half / total if total else 0.0
-
-
-def _publish(job, pj, key, converted, ref, out: dict, store: Store) -> dict:
-    example = None if ref is None else ref.x[:1]
-    recipe = {
-        "name": job.name, "precision": pj.precision, "factory": job.spec.factory,
-        "kwargs": dict(job.spec.kwargs), "backend": job.backend_for(pj.precision),
-        "observer": job.observer_for(pj.precision),
-        "input_shape": list(example.shape[1:]) if example is not None else None,
-        "input_dtype": "float16" if pj.precision == "fp16" else "float32",
-        "key": key, "torch_version": torch.__version__,
-        "quantizer_version": quantizer.__version__,
-    }
-    if example is not None and pj.precision == "fp16":
-        example = example.half()
-    folder = layout.artifact_dir(job.name, pj.precision, key)
-    replace = pj.replace
-    if not replace:
-        done = intact_record(store, job.name, pj.precision, key)
-        if done:        # another attempt at this key finished meanwhile: what is stored counts
-            return {k: done[k] for k in PUBLISHED_FIELDS}
-        # a record whose files did not check out (missing or changed): replace that folder
-        replace = store.exists(layout.record_path(job.name, pj.precision, key))
-    tmp, files = _save(converted, recipe, example)
-    try:
-        kept = publish_dir(store, tmp, folder, replace=replace)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if kept:    # another attempt published these first: describe the stored bytes
-        stored = {f["path"]: f for f in stored_files(store, folder, kept)}
-        files = [stored.get(f["path"], f) for f in files] + \
-            [f for p, f in stored.items() if p not in {g["path"] for g in files}]
-    main = next(f for f in files if f["path"] == layout.ARTIFACT_FILE)
-    return {"artifact_uri": store.uri_of(f"{folder}/{layout.ARTIFACT_FILE}"),
-            "artifact_sha256": main["sha256"], "artifact_bytes": main["bytes"],
-            "size_ratio": round(main["bytes"] / out["fp32_bytes"], 4), "files": files}
 
 
 def _state_bytes(model) -> int:

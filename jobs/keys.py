@@ -4,10 +4,11 @@
 
 - *inputs* (the driver's part, ``inputs_digest``): the checkpoint's sha256, every setting of the
   model's zoo entry that shapes a result (factory, kwargs, calibration settings, gates, and for
-  int8 only the backend, observer, batch count and int8 gates; a zoo key added later is in every
-  key unless listed otherwise), the sha256 of the factory module's source file and the installed
-  version of its top-level package (``jobs.sources.factory_code``), precision, and the
-  calibration data's sha256.
+  int8 only the backend, observer, batch count, int8 gates and tuning settings; a zoo key added
+  later is in every key unless listed otherwise, and those in ``SILENT_AT_DEFAULT`` only when set
+  to something other than their default), the sha256 of the factory module's source file and
+  the installed version of its top-level package (``jobs.sources.factory_code``), precision, and
+  the calibration data's sha256.
 - *facts* (the worker's part, ``facts_part``): the torch and quantizer versions of the process
   that converts, and for int8 the activation range its quantizer chooses for the backend
   (``quantizer.int8.activation_range``). A task computes these itself and completes the key, so a
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, fields
+from dataclasses import MISSING, Field, asdict, fields, is_dataclass
 import platform
 import sys
 from importlib import metadata
@@ -47,8 +48,14 @@ NOT_IN_KEY = ("name", "checkpoint", "precisions", "allow_pickle")
 # Fields that shape int8 results only: an fp16 row's key leaves them out, so changing the backend
 # reconverts the int8 rows alone. Every other field, a key added to the zoo later included, is
 # in every key: a new setting reconverts rather than leaves a stale artifact.
-INT8_ONLY = ("backend", "observer", "min_sqnr_db", "min_speedup", "min_quantized_fraction")
+INT8_ONLY = ("backend", "observer", "min_sqnr_db", "min_speedup", "min_quantized_fraction",
+             "recipe", "max_top1_drop", "tuning")
 INT8_ONLY_CALIBRATION = ("batches",)
+# Fields added after stores with keys existed: at their default value (the behaviour before they
+# existed) they are left out, so an upgrade does not reconvert a zoo that does not use them. Set
+# to anything else, they are in the key like every other field.
+SILENT_AT_DEFAULT = ("checkpoint_key", "ignore_keys", "strip_prefix", "forward_kwargs", "fidelity",
+                     "recipe", "max_top1_drop", "tuning")
 
 
 def inputs_digest(spec: ModelSpec, precision: str, source_sha256: str,
@@ -60,12 +67,23 @@ def inputs_digest(spec: ModelSpec, precision: str, source_sha256: str,
         raise ValueError(f"model {spec.name}: no key without the checkpoint's and the "
                          f"calibration data's sha256")
     skip = NOT_IN_KEY + (() if precision == "int8" else INT8_ONLY)
-    settings = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in skip}
+    settings = {f.name: _plain(getattr(spec, f.name)) for f in fields(spec) if f.name not in skip
+                and not (f.name in SILENT_AT_DEFAULT and _at_default(spec, f))}
     settings["calibration"] = {
         k: v for k, v in asdict(spec.calibration).items() if k != "data"
         and (precision == "int8" or k not in INT8_ONLY_CALIBRATION)}
     return _sha({"settings": settings, "precision": precision, "source": source_sha256,
                  "calibration": calibration_sha256, **code.key_part()})
+
+
+def _plain(value):
+    """A setting as JSON sees it: a nested dataclass (``fidelity``, ``tuning``) as its dict."""
+    return asdict(value) if is_dataclass(value) else value
+
+
+def _at_default(spec: ModelSpec, f: Field) -> bool:
+    default = f.default_factory() if f.default_factory is not MISSING else f.default
+    return _plain(getattr(spec, f.name)) == _plain(default)
 
 
 def facts_part(precision: str, backend: str | None, facts: dict) -> dict:

@@ -29,6 +29,7 @@ MANIFEST_JSON = "manifest.json"
 MANIFEST_PARQUET = "manifest.parquet"
 
 _FILE = pa.struct([("path", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64())])
+_UNIT = pa.struct([("name", pa.string()), ("sqnr_db", pa.float64())])
 
 # SPEC.md section 6, in order, then our additions.
 SCHEMA = pa.schema([
@@ -47,6 +48,14 @@ SCHEMA = pa.schema([
     # additions
     ("factory", pa.string()), ("observer", pa.string()), ("fp32_bytes", pa.int64()),
     ("fidelity_rows", pa.int64()), ("notes", pa.string()), ("retired", pa.bool_()),
+    # fidelity per output: one SQNR per output tensor (quantizer.fidelity.flatten_outputs order)
+    # and the index of the class-score output top1_agreement was measured on (null: none)
+    ("sqnr_db_outputs", pa.list_(pa.float64())), ("top1_output", pa.int64()),
+    # how the artifact was made: "fp16" | "static" | "dynamic", the int8 units kept in float,
+    # and the accuracy-gated search that chose them (quantizer.tune_int8; docs/tuning.md)
+    ("recipe", pa.string()), ("float_layers", pa.list_(pa.string())),
+    ("tuning_trials", pa.int64()), ("tuning_s", pa.float64()), ("recipe_reason", pa.string()),
+    ("top1_drop", pa.float64()), ("sensitivity_top", pa.list_(_UNIT)),
 ])
 FIELDS = tuple(SCHEMA.names)
 # Fields that describe the artifact: a failed attempt keeps the last good values of these.
@@ -54,6 +63,8 @@ ARTIFACT_FIELDS = (
     "key", "run_id", "artifact_uri", "artifact_sha256", "artifact_bytes", "size_ratio",
     "quantized_fraction", "calibration_batches", "sqnr_db", "top1_agreement",
     "latency_fp32_ms", "latency_ms", "speedup", "files", "torch_version", "quantizer_version",
+    "sqnr_db_outputs", "top1_output", "recipe", "float_layers", "tuning_trials", "tuning_s",
+    "recipe_reason", "top1_drop", "sensitivity_top",
 )
 
 

@@ -1,8 +1,13 @@
 """What a task measures: fp32 reference once per model, then each converted copy against it.
 
-- Fidelity: SQNR and top-1 agreement on held-out rows (``FIDELITY_ROWS``; fp16 on a CPU uses the
-  first ``FP16_CPU_ROWS`` of them). A converted model whose outputs are non-finite where fp32's
-  are finite fails (``NonFiniteOutputError``), and no non-finite number is ever returned.
+- Every forward call (reference, fidelity, latency, the GPU path) passes the zoo's
+  ``forward_kwargs``, which the ``Reference`` carries.
+- Fidelity: SQNR over all outputs and of each output alone, and top-1 agreement on the
+  class-score output only (the zoo's ``fidelity.output``, else ``quantizer.top1_output``'s
+  default rule; none: null, and a note says why), on held-out rows (``FIDELITY_ROWS``; fp16 on
+  a CPU uses the first ``FP16_CPU_ROWS`` of them). A converted model whose outputs are
+  non-finite where fp32's are finite fails (``NonFiniteOutputError``), and no non-finite number
+  is ever returned.
 - Latency: batch-1 forwards after one untimed forward, at the task's thread count, within a
   budget proportional to the model's cost (``LATENCY_FORWARDS`` times its first forward, at most
   ``LATENCY_BUDGET_S``).
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,12 +49,16 @@ class NonFiniteOutputError(quantizer.QuantizerError):
 
 @dataclass
 class Reference:
-    """The fp32 model's outputs on the held-out rows and its batch-1 latency (CPU)."""
+    """The fp32 model's outputs on the held-out rows and its batch-1 latency (CPU), with how the
+    model is called (``kwargs``: the zoo's ``forward_kwargs``) and which output holds class
+    scores (``top1``: an index, or None when none does)."""
 
     x: torch.Tensor
     outputs: list[torch.Tensor]
     latency_ms: float
     finite: bool
+    kwargs: dict = field(default_factory=dict)
+    top1: int | None = None
 
 
 def fp16_device(gpu_ids, cuda_available: bool) -> str:
@@ -57,27 +66,39 @@ def fp16_device(gpu_ids, cuda_available: bool) -> str:
     return "cuda" if gpu_ids and cuda_available else "cpu"
 
 
-def reference(name: str, model: torch.nn.Module, x: torch.Tensor) -> Reference:
+def reference(name: str, model: torch.nn.Module, x: torch.Tensor, *,
+              forward_kwargs: dict | None = None, top1_output: int | None = None) -> Reference:
     """fp32 outputs on the held-out rows ``x`` and batch-1 latency.
+
+    Args:
+        forward_kwargs: the zoo's fixed ``forward`` arguments, passed on every call.
+        top1_output: the zoo's ``fidelity.output`` (None: the library's default rule).
 
     Raises:
         InputShapeError: the model rejects rows of this shape (names the model and the shape).
+        ConfigError: ``top1_output`` is not the index of one of the model's outputs.
     """
+    kwargs = dict(forward_kwargs or {})
     try:
         with torch.inference_mode():
-            outputs = [t.float() for t in flatten_outputs(model(x))]
+            outputs = [t.float() for t in flatten_outputs(model(x, **kwargs))]
     except RuntimeError as e:
         raise quantizer.InputShapeError(
             f"model {name}: its forward rejects the calibration data's rows of shape "
             f"{list(x.shape[1:])} ({str(e).splitlines()[0][:300]}); check calibration.data "
             f"and calibration.shape in the zoo") from e
-    return Reference(x, outputs, latency_ms(model, x[:1]),
-                     all(bool(torch.isfinite(t).all()) for t in outputs))
+    try:
+        top1 = quantizer.top1_output(outputs, top1_output)
+    except ValueError as e:
+        raise quantizer.ConfigError(f"model {name}: zoo key 'fidelity.output': {e}") from None
+    return Reference(x, outputs, latency_ms(model, x[:1], kwargs=kwargs),
+                     all(bool(torch.isfinite(t).all()) for t in outputs), kwargs, top1)
 
 
-def latency_ms(model: torch.nn.Module, x1: torch.Tensor, *, sync=None) -> float:
+def latency_ms(model: torch.nn.Module, x1: torch.Tensor, *, sync=None,
+               kwargs: dict | None = None) -> float:
     """Median batch-1 latency within a budget proportional to one forward's time."""
-    timed = _Synced(model, sync) if sync else model
+    timed = _Bound(model, kwargs or {}, sync)
     start = time.perf_counter()
     with torch.inference_mode():
         timed(x1)                       # warm-up, and what one forward costs
@@ -86,24 +107,26 @@ def latency_ms(model: torch.nn.Module, x1: torch.Tensor, *, sync=None) -> float:
     return round(quantizer.measure_latency_ms(timed, x1, warmup=0, budget_s=budget), 4)
 
 
-class _Synced(torch.nn.Module):
-    """Waits for the device after each forward, so wall time covers the GPU's work."""
+class _Bound(torch.nn.Module):
+    """Calls the model with its fixed ``forward`` arguments, and waits for the device after each
+    forward (``sync``), so wall time covers the GPU's work."""
 
-    def __init__(self, model, sync):
+    def __init__(self, model, kwargs: dict, sync=None):
         super().__init__()
-        self.model, self.sync = model, sync
+        self.model, self.kwargs, self.sync = model, kwargs, sync
 
     def forward(self, *args):
-        out = self.model(*args)
-        self.sync()
+        out = self.model(*args, **self.kwargs)
+        if self.sync:
+            self.sync()
         return out
 
 
 def measure_int8(name: str, ref: Reference, converted) -> dict:
     with torch.inference_mode():
-        got = flatten_outputs(converted(ref.x))
+        got = flatten_outputs(converted(ref.x, **ref.kwargs))
     out = fidelity(name, "int8", ref, got, ref.x.shape[0])
-    lat = latency_ms(converted, ref.x[:1])
+    lat = latency_ms(converted, ref.x[:1], kwargs=ref.kwargs)
     out.update(latency_fp32_ms=ref.latency_ms, latency_ms=lat,
                speedup=round(ref.latency_ms / lat, 4) if lat else None)
     return out
@@ -114,7 +137,7 @@ def measure_fp16(name: str, ref: Reference, fp32, converted, device: str) -> dic
     if device == "cpu":
         rows = min(FP16_CPU_ROWS, ref.x.shape[0])
         with torch.inference_mode():
-            got = flatten_outputs(converted(ref.x[:rows].half()))
+            got = flatten_outputs(converted(ref.x[:rows].half(), **ref.kwargs))
         out = fidelity(name, "fp16", ref, got, rows)
         out.update(latency_fp32_ms=ref.latency_ms, latency_ms=None, speedup=None,
                    latency_note=FP16_CPU_NOTE)
@@ -128,11 +151,11 @@ def _measure_fp16_gpu(name, ref, fp32, converted, device) -> dict:   # untested:
     try:
         x = ref.x.to(device)
         with torch.inference_mode():
-            got = [t.cpu() for t in flatten_outputs(converted(x.half()))]
+            got = [t.cpu() for t in flatten_outputs(converted(x.half(), **ref.kwargs))]
         out = fidelity(name, "fp16", ref, got, x.shape[0])
-        lat = latency_ms(converted, x[:1].half(), sync=sync)
+        lat = latency_ms(converted, x[:1].half(), sync=sync, kwargs=ref.kwargs)
         fp32_gpu = copy.deepcopy(fp32).to(device)
-        lat32 = latency_ms(fp32_gpu, x[:1], sync=sync)
+        lat32 = latency_ms(fp32_gpu, x[:1], sync=sync, kwargs=ref.kwargs)
         del fp32_gpu
     finally:
         converted.to("cpu")
@@ -144,7 +167,8 @@ def _measure_fp16_gpu(name, ref, fp32, converted, device) -> dict:   # untested:
 
 def fidelity(name: str, precision: str, ref: Reference, got: list[torch.Tensor],
              rows: int) -> dict:
-    """SQNR and top-1 agreement of ``got`` (outputs on the first ``rows`` held-out rows).
+    """SQNR (all outputs, and each alone) and top-1 agreement (on ``ref.top1`` only) of ``got``,
+    the outputs on the first ``rows`` held-out rows.
 
     Raises:
         NonFiniteOutputError: ``got`` is inf/NaN where the reference is finite.
@@ -157,15 +181,26 @@ def fidelity(name: str, precision: str, ref: Reference, got: list[torch.Tensor],
                 f"model {name} {precision}: output {index} is inf/NaN in {int(bad.sum())} of "
                 f"{bad.numel()} values on {rows} held-out rows where fp32's are finite (e.g. an "
                 f"fp16 overflow); nothing is shipped. Keep this model in fp32 or use int8.")
-    out = {"fidelity_rows": rows, "sqnr_db": None, "top1_agreement": None}
+    out = {"fidelity_rows": rows, "sqnr_db": None, "sqnr_db_outputs": None,
+           "top1_agreement": None, "top1_output": ref.top1}
     if not ref.finite:
         out["fidelity_note"] = "fp32 outputs are not finite on the held-out rows: SQNR not measured"
         return out
-    sqnr = quantizer.sqnr_db(want, got)
-    out["sqnr_db"] = max(-SQNR_CAP_DB, min(SQNR_CAP_DB, float(sqnr)))
-    output = quantizer.top1_output(want) or 0    # the class scores; else the first output
-    out["top1_agreement"] = float(quantizer.top1_agreement(want, got, output=output))
+    out["sqnr_db"] = _capped(quantizer.sqnr_db(want, got))
+    out["sqnr_db_outputs"] = [_capped(v) for v in quantizer.sqnr_db_per_output(want, got)]
+    if ref.top1 is None:
+        shapes = ", ".join(str(list(t.shape[1:])) for t in ref.outputs)
+        out["fidelity_note"] = (
+            f"top-1 agreement not measured: no output is class scores by default ({len(want)} "
+            f"output(s), per-row shapes {shapes}; the default needs exactly one [batch, classes] "
+            f"output); name the class-score output with fidelity: {{output: N}}")
+    else:
+        out["top1_agreement"] = float(quantizer.top1_agreement(want, got, output=ref.top1))
     return out
+
+
+def _capped(sqnr: float) -> float:
+    return max(-SQNR_CAP_DB, min(SQNR_CAP_DB, float(sqnr)))
 
 
 def check_gates(name: str, spec, precision: str, out: dict) -> None:

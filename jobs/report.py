@@ -1,17 +1,23 @@
-"""The HTML report: one self-contained page with the manifest table and three bar charts.
+"""The HTML report: one self-contained page with the manifest table, three bar charts and a
+sensitivity plot per tuned int8 model.
 
 Owns ``render_report``, which turns manifest rows (SPEC.md section 6 field names) into a page
-that needs nothing else: inline ``<style>``, inline SVG drawn here, no JavaScript, no external
-CSS, fonts or images, so ``DEST/report.html`` opens anywhere, from any store, offline.
-Every piece of text is escaped: model names and error messages are user input.
-Must not import ray, click, torch or anything else in ``jobs``.
+that needs nothing else: inline ``<style>``, inline SVG (``jobs.report_charts``), no JavaScript,
+no external CSS, fonts or images, so ``DEST/report.html`` opens anywhere, from any store,
+offline. Rows slower than fp32 or of low fidelity are flagged (``jobs.flags``: the rules the run
+table and the manifest notes use). Every piece of text is escaped: model names and error
+messages are user input. Must not import ray, click, torch or anything in ``jobs`` but
+``jobs.flags`` and ``jobs.report_charts``.
 """
 
 from __future__ import annotations
 
-import html
-import math
-from typing import Any, Iterable
+from typing import Iterable
+
+from jobs.flags import LOW_FIDELITY_DB, is_low_fidelity, is_slow_int8, low_fidelity_text
+from jobs.report_charts import (LOW_TEXT, OTHER_COLOUR, PRECISION_COLOURS,  # noqa: F401
+                                SLOW_COLOUR, SLOW_TEXT, FLOAT_COLOUR, SensitivitySvg, _ChartSvg,
+                                _e, _fmt, _number)
 
 # (field, title, unit suffix, decimals) of each chart, in page order
 CHARTS = (
@@ -21,15 +27,13 @@ CHARTS = (
 )
 COLUMNS = (
     ("name", "model"), ("precision", "precision"), ("backend", "backend"),
-    ("status", "status"), ("size_ratio", "size ratio"), ("sqnr_db", "SQNR dB"),
-    ("top1_agreement", "top-1 agreement"), ("latency_fp32_ms", "latency fp32 ms"),
-    ("latency_ms", "latency ms"), ("speedup", "speedup"), ("error", "error"),
+    ("recipe", "recipe"), ("status", "status"), ("size_ratio", "size ratio"),
+    ("sqnr_db", "SQNR dB"), ("top1_agreement", "top-1 agreement"),
+    ("latency_fp32_ms", "latency fp32 ms"), ("latency_ms", "latency ms"), ("speedup", "speedup"),
+    ("float_layers", "float layers"), ("error", "error"),
 )
 DECIMALS = {"size_ratio": 3, "sqnr_db": 1, "top1_agreement": 3, "latency_fp32_ms": 2,
             "latency_ms": 2, "speedup": 2}
-PRECISION_COLOURS = {"fp16": "#3b75af", "int8": "#2a9d8f"}
-OTHER_COLOUR, SLOW_COLOUR = "#8d99ae", "#d62828"
-SLOW_TEXT = "slower than fp32"
 
 STYLE = """
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:24px;
@@ -42,7 +46,10 @@ tr.status-failed td{background:#fdecec}tr.status-skipped td{color:#6b7486}
 td.na,text.na{color:#9aa3b5;fill:#9aa3b5;font-style:italic}
 .flag{color:#d62828;font-weight:600;white-space:nowrap}svg.chart text.flag{fill:#d62828}
 .flag.slow-note{white-space:normal}
-tr.slow td.speedup{background:#fde2e2}
+tr.slow td.speedup,tr.lowfi td.sqnr_db{background:#fde2e2}
+td.float_layers{max-width:260px;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+svg.sensitivity{display:block;margin:0 0 6px;background:#fbfcfe;border:1px solid #e3e7ee}
+svg.sensitivity text{font-size:11px;fill:#1d2433}
 td.error{max-width:420px;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;
 white-space:pre-wrap;word-break:break-word}
 .scroll{overflow-x:auto}.charts{display:flex;flex-wrap:wrap;gap:8px 24px}
@@ -73,29 +80,9 @@ def render_report(rows: list[dict], *, title: str = "quantize-all report",
         f"<title>{_e(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
         f"<h1>{_e(title)}</h1>\n{_summary(rows, run or {})}\n"
         f"<h2>Conversions</h2>\n<div class=\"scroll\">{_table(rows)}</div>\n"
-        f"<h2>Charts</h2>\n{_legend()}\n<div class=\"charts\">\n{charts}\n</div>\n</body>\n</html>\n"
+        f"<h2>Charts</h2>\n{_legend()}\n<div class=\"charts\">\n{charts}\n</div>\n"
+        f"{_sensitivity_section(rows)}</body>\n</html>\n"
     )
-
-
-def is_slow_int8(row: dict) -> bool:
-    """True for an int8 row that measured a speedup below 1.0 (slower than its fp32 source)."""
-    speedup = _number(row.get("speedup"))
-    return row.get("precision") == "int8" and speedup is not None and speedup < 1.0
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, or None for null, NaN, inf, booleans and anything non-numeric."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _fmt(value: float, decimals: int) -> str:
-    return f"{value:,.{decimals}f}"
 
 
 def _summary(rows: list[dict], run: dict) -> str:
@@ -120,25 +107,34 @@ def _table(rows: list[dict]) -> str:
 
 
 def _table_row(row: dict) -> str:
-    slow = is_slow_int8(row)
-    classes = f"status-{_e(row.get('status') or 'unknown')}" + (" slow" if slow else "")
+    ok = row.get("status") == "ok"
+    flags = {"speedup": SLOW_TEXT if is_slow_int8(row) else None,
+             "sqnr_db": LOW_TEXT if ok and is_low_fidelity(row) else None}
+    classes = f"status-{_e(row.get('status') or 'unknown')}" + \
+        (" slow" if flags["speedup"] else "") + (" lowfi" if flags["sqnr_db"] else "")
     cells = []
     for key, _ in COLUMNS:
         if key == "error":
             cells.append(_error_cell(row))
         elif key in DECIMALS:
-            cells.append(_number_cell(key, _number(row.get(key)), slow and key == "speedup"))
+            cells.append(_number_cell(key, _number(row.get(key)), flags.get(key),
+                                      low_fidelity_text(row) if flags.get(key) == LOW_TEXT else None))
+        elif key == "float_layers":
+            layers = row.get(key)
+            text = ", ".join(map(str, layers)) if layers else ("none" if layers == [] else "")
+            cells.append(f"<td class=\"{key}\">{_e(text)}</td>")
         else:
             cells.append(f"<td class=\"{key}\">{_e(row.get(key))}</td>")
     return f"<tr class=\"{classes}\">{''.join(cells)}</tr>"
 
 
-def _number_cell(key: str, value: float | None, flag: bool) -> str:
+def _number_cell(key: str, value: float | None, flag: str | None, why: str | None = None) -> str:
     if value is None:
         return f"<td class=\"num {key} na\">n/a</td>"
     text = _fmt(value, DECIMALS[key]) + ("\u00d7" if key == "speedup" else "")
     if flag:
-        text += f" <span class=\"flag\">\u26a0 {SLOW_TEXT}</span>"
+        title = f" title=\"{_e(why)}\"" if why else ""
+        text += f" <span class=\"flag\"{title}>\u26a0 {flag}</span>"
     return f"<td class=\"num {key}\">{text}</td>"
 
 
@@ -151,7 +147,9 @@ def _error_cell(row: dict) -> str:
 
 
 def _legend() -> str:
-    items = [(p, c) for p, c in PRECISION_COLOURS.items()] + [(f"int8 {SLOW_TEXT}", SLOW_COLOUR)]
+    floors = ", ".join(f"{p} {v:g} dB" for p, v in LOW_FIDELITY_DB.items())
+    items = [(p, c) for p, c in PRECISION_COLOURS.items()] + [
+        (f"int8 {SLOW_TEXT}, or {LOW_TEXT} (SQNR below {floors})", SLOW_COLOUR)]
     spans = "".join(f"<span><i style=\"background:{c}\"></i>{_e(p)}</span>" for p, c in items)
     return f"<p class=\"legend\">{spans}<span class=\"na\">n/a = not measured</span></p>"
 
@@ -164,104 +162,42 @@ def _groups(rows: Iterable[dict]) -> list[tuple[str, list[dict]]]:
     return [(n, sorted(rs, key=lambda r: str(r.get("precision")))) for n, rs in groups.items()]
 
 
-def _nice_step(raw: float) -> float:
-    """The smallest 1, 2, 2.5 or 5 times a power of ten that is >= ``raw`` (axis ticks)."""
-    power = 10.0 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * (1 - 1e-9))
-
-
-def _shorten(name: str, limit: int = 18) -> str:
-    # rotated labels run left under the neighbouring groups; the full name is in the <title>
-    return name if len(name) <= limit else name[: limit - 1] + "\u2026"
-
-
 def _chart_section(rows: list[dict], metric: str, title: str, unit: str, decimals: int) -> str:
     svg = _ChartSvg(metric, unit, decimals).draw(_groups(rows))
     note = ""
     slow = [r for r in rows if is_slow_int8(r)] if metric == "speedup" else []
+    low = [r for r in rows if r.get("status") == "ok" and is_low_fidelity(r)] \
+        if metric == "sqnr_db" else []
     if slow:
         items = ", ".join(f"{_e(r.get('name'))} int8 ({_fmt(_number(r['speedup']), 2)}\u00d7)" for r in slow)
         note = f"\n<p class=\"flag slow-note\">\u26a0 {SLOW_TEXT}: {items}</p>"
+    if low:
+        items = "; ".join(f"{_e(r.get('name'))} {_e(low_fidelity_text(r))}" for r in low)
+        note = f"\n<p class=\"flag slow-note low-note\">\u26a0 {items}</p>"
     return f"<figure>\n<figcaption>{_e(title)}</figcaption>\n{svg}{note}\n</figure>"
 
 
-class _ChartSvg:
-    """Lays out one grouped bar chart: bars grouped by model, one bar per precision."""
+def _sensitivity_section(rows: list[dict]) -> str:
+    """One plot per int8 row whose tuning measured a sensitivity ranking (none: no section)."""
+    tuned = [r for r in rows if r.get("precision") == "int8" and r.get("sensitivity_top")]
+    if not tuned:
+        return ""
+    figures = []
+    for row in tuned:
+        kept = ", ".join(map(str, row.get("float_layers") or [])) or "none"
+        link = next((f for f in row.get("files") or [] if isinstance(f, dict)
+                     and f.get("path") == "sensitivity.json"), None)
+        href = (f" (<a href=\"artifacts/{_e(row.get('name'))}/int8/{_e(row.get('key'))}/"
+                f"sensitivity.json\">every unit</a>)") if link and row.get("key") else ""
+        caption = (f"{_e(row.get('name'))} int8, {_e(row.get('recipe'))}: kept float: "
+                   f"{_e(kept)}; {_e(row.get('tuning_trials'))} trials in "
+                   f"{_e(row.get('tuning_s'))} s{href}")
+        figures.append(f"<figure>\n<figcaption>{caption}</figcaption>\n"
+                       f"{SensitivitySvg().draw(row)}\n</figure>")
+    return ("<h2>int8 sensitivity</h2>\n<p class=\"legend\">The most costly layers of each tuned "
+            "model: SQNR of the outputs with only that layer in int8 (shorter is costlier), "
+            f"<span><i style=\"background:{FLOAT_COLOUR}\"></i>kept in float</span>, dashed "
+            f"line at {LOW_FIDELITY_DB['int8']:g} dB.</p>\n<div class=\"charts\">\n"
+            + "\n".join(figures) + "\n</div>\n")
 
-    BAR, GAP, GROUP_GAP, LEFT, TOP, PLOT_H, LABEL_H = 26, 6, 22, 56, 20, 200, 96
 
-    def __init__(self, metric: str, unit: str, decimals: int):
-        self.metric, self.unit, self.decimals = metric, unit, decimals
-
-    def draw(self, groups: list[tuple[str, list[dict]]]) -> str:
-        values = [v for _, rs in groups for r in rs if (v := _number(r.get(self.metric))) is not None]
-        lo = min([0.0] + values)
-        hi = max([1.0 if self.metric == "speedup" else 0.0] + values)
-        self.step = _nice_step((hi - lo) / 4 if hi > lo else 0.25)
-        self.lo = math.floor(lo / self.step) * self.step
-        self.hi = max(math.ceil(hi / self.step) * self.step, self.lo + self.step)
-        nbars = sum(len(rs) for _, rs in groups)
-        width = max(420, self.LEFT + nbars * (self.BAR + self.GAP) + len(groups) * self.GROUP_GAP + 20)
-        height = self.TOP + self.PLOT_H + self.LABEL_H
-        parts = self._axis(width)
-        x = self.LEFT + self.GROUP_GAP / 2
-        for name, group_rows in groups:
-            parts += self._group(name, group_rows, x)
-            x += len(group_rows) * (self.BAR + self.GAP) + self.GROUP_GAP
-        if not groups:
-            parts.append(f"<text class=\"na\" x=\"{self.LEFT + 10}\" y=\"{self.TOP + 20}\">no rows</text>")
-        return (f"<svg class=\"chart\" data-metric=\"{self.metric}\" xmlns=\"http://www.w3.org/2000/svg\" "
-                f"width=\"{width:.0f}\" height=\"{height}\" viewBox=\"0 0 {width:.0f} {height}\" "
-                f"role=\"img\" aria-label=\"{_e(self.metric)} per model and precision\">"
-                + "".join(parts) + "</svg>")
-
-    def _y(self, value: float) -> float:
-        return self.TOP + self.PLOT_H * (self.hi - value) / (self.hi - self.lo)
-
-    def _axis(self, width: float) -> list[str]:
-        parts = []
-        for i in range(round((self.hi - self.lo) / self.step) + 1):
-            v = self.lo + self.step * i
-            y = self._y(v)
-            parts.append(f"<line x1=\"{self.LEFT}\" x2=\"{width - 10:.0f}\" y1=\"{y:.1f}\" y2=\"{y:.1f}\" "
-                         f"stroke=\"#e3e7ee\"/><text x=\"{self.LEFT - 6}\" y=\"{y + 4:.1f}\" "
-                         f"text-anchor=\"end\">{round(v, 9):g}</text>")
-        y0 = self._y(0.0)
-        parts.append(f"<line x1=\"{self.LEFT}\" x2=\"{width - 10:.0f}\" y1=\"{y0:.1f}\" y2=\"{y0:.1f}\" stroke=\"#44506a\"/>")
-        if self.metric == "speedup":
-            y1 = self._y(1.0)
-            parts.append(f"<line class=\"reference\" x1=\"{self.LEFT}\" x2=\"{width - 10:.0f}\" y1=\"{y1:.1f}\" "
-                         f"y2=\"{y1:.1f}\" stroke=\"{SLOW_COLOUR}\" stroke-dasharray=\"5 4\"/>")
-        return parts
-
-    def _group(self, name: str, rows: list[dict], x0: float) -> list[str]:
-        parts, x = [], x0
-        for row in rows:
-            parts.append(self._bar(row, x))
-            x += self.BAR + self.GAP
-        cx, ly = (x0 + x - self.GAP) / 2, self.TOP + self.PLOT_H + 34
-        parts.append(f"<text class=\"model\" x=\"{cx:.1f}\" y=\"{ly}\" text-anchor=\"end\" "
-                     f"transform=\"rotate(-30 {cx:.1f} {ly})\"><title>{_e(name)}</title>"
-                     f"{_e(_shorten(name))}</text>")
-        return parts
-
-    def _bar(self, row: dict, x: float) -> str:
-        value, precision = _number(row.get(self.metric)), str(row.get("precision"))
-        y0, cx = self._y(0.0), x + self.BAR / 2
-        slow = self.metric == "speedup" and is_slow_int8(row)
-        mark = "\u26a0" if slow else ""
-        tag = (f"<text class=\"precision{' flag' if slow else ''}\" x=\"{cx:.1f}\" "
-               f"y=\"{self.TOP + self.PLOT_H + 14}\" text-anchor=\"middle\">{_e(precision)}{mark}</text>")
-        if value is None:
-            return tag + (f"<text class=\"na\" data-name=\"{_e(row.get('name'))}\" data-precision=\"{_e(precision)}\" "
-                          f"x=\"{cx:.1f}\" y=\"{y0 - 4:.1f}\" text-anchor=\"middle\">n/a</text>")
-        top, bottom = sorted((self._y(value), y0))
-        colour = SLOW_COLOUR if slow else PRECISION_COLOURS.get(precision, OTHER_COLOUR)
-        label = _fmt(value, self.decimals) + self.unit + (f" \u26a0 {SLOW_TEXT}" if slow else "")
-        return tag + (
-            f"<rect class=\"bar{' slow' if slow else ''}\" data-name=\"{_e(row.get('name'))}\" "
-            f"data-precision=\"{_e(precision)}\" data-value=\"{value:.6g}\" x=\"{x:.1f}\" y=\"{top:.1f}\" "
-            f"width=\"{self.BAR}\" height=\"{max(bottom - top, 1.0):.1f}\" fill=\"{colour}\">"
-            f"<title>{_e(row.get('name'))} {_e(precision)}: {_e(label)}</title></rect>"
-            f"<text class=\"value{' flag' if slow else ''}\" x=\"{cx:.1f}\" y=\"{top - 4:.1f}\" "
-            f"text-anchor=\"middle\">{_e(_fmt(value, self.decimals))}{mark}</text>")

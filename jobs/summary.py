@@ -1,11 +1,16 @@
-"""The end-of-run table and the ``--json`` summary. Must not import ray, click or torch."""
+"""The end-of-run table and the ``--json`` summary. Flags (slower than fp32, low fidelity) are
+``jobs.flags``'s. Must not import ray, click or torch."""
 
 from __future__ import annotations
+
+from jobs.flags import flag_texts
 
 SUMMARY_FIELDS = (
     "name", "precision", "backend", "status", "reason", "key", "size_ratio", "sqnr_db",
     "top1_agreement", "latency_fp32_ms", "latency_ms", "speedup", "quantized_fraction",
     "error_type", "error_message", "artifact_uri", "attempts", "duration_s",
+    "sqnr_db_outputs", "top1_output", "recipe", "float_layers", "tuning_trials", "tuning_s",
+    "notes",
 )
 COLUMNS = ("model", "precision", "status", "size ratio", "SQNR dB", "speedup", "note")
 
@@ -20,10 +25,11 @@ def note_of(row: dict) -> str:
         return f"{row.get('error_type')}: {(row.get('error_message') or '')[:90]}"
     if row["status"] == "skipped":
         return row.get("reason") or ""
-    speedup = row.get("speedup")
-    if row.get("precision") == "int8" and speedup is not None and speedup < 1.0:
-        return "SLOWER than fp32"
-    return ""
+    texts = flag_texts(row)
+    kept = len(row.get("float_layers") or [])
+    if kept or row.get("recipe") == "dynamic":      # static without fallback: nothing to say
+        texts.append(f"{row.get('recipe')} int8" + (f", {kept} layer(s) kept float" if kept else ""))
+    return "; ".join(texts)
 
 
 def format_table(rows: list[dict]) -> str:

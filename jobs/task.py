@@ -1,15 +1,18 @@
 """The Ray remote functions a run submits; the task side of the only two modules with Ray.
 
 ``convert_task`` pins torch's threads to the task's CPUs, counts the attempt in the store, picks
-the device fp16 is measured on, and runs ``jobs.convert.convert_model``; ``facts_task`` reports
-what a worker converts with (a joined cluster is asked before planning); ``read_table_task``
-reads a remote calibration table once for every job that shares it. Torch is imported inside the
-tasks only, so the driver imports this module without importing torch. A task receives a frozen
-``ConversionJob`` (paths and settings), never a model.
+the device fp16 is measured on, and runs ``jobs.convert.convert_model`` with ``map_chunks``, which
+fans an int8 sensitivity pass out as ``sensitivity_task`` chunks over the CPUs free at that moment
+(the task's own CPUs included: Ray lends them while it waits in ``ray.get``); ``facts_task``
+reports what a worker converts with (a joined cluster is asked before planning);
+``read_table_task`` reads a remote calibration table once for every job that shares it. Torch is
+imported inside the tasks only, so the driver imports this module without importing torch. A
+task receives a frozen ``ConversionJob`` (paths and settings), never a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import ray
@@ -34,10 +37,48 @@ def convert_task(job: ConversionJob, table=None) -> dict:
     node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
     device = measure.fp16_device(ray.get_gpu_ids(), torch.cuda.is_available())
     rows = convert.convert_model(job, table, store=store, attempt=count_attempt(store, job),
-                                 device=device, node=node)
+                                 device=device, node=node, map_chunks=map_chunks)
     for row in rows:
         row["threads"] = torch.get_num_threads()
     return {"rows": rows, "facts": convert.worker_facts()}
+
+
+def map_chunks(tasks: list) -> list:
+    """``quantizer.tune_int8``'s ``map_chunks`` on Ray: the units of ``tasks`` (one sensitivity
+    pass cut fine, ``jobs.tune.MAX_CHUNKS``) regrouped into one chunk per CPU that is free now
+    plus this task's own, each a ``sensitivity_task``; the task itself (the fp32 model, the
+    calibrated statistics, the held-out rows) is put in the object store once. With a single CPU
+    in all, the pass runs here, in this process: no task waits on a CPU that only it holds."""
+    from quantizer import sensitivity
+
+    units = tuple(unit for task in tasks for unit in task.units)
+    whole = dataclasses.replace(tasks[0], units=units)
+    chunks = min(len(units), _assigned_cpus() + _free_cpus())
+    if chunks <= 1:
+        return [sensitivity.run_sensitivity(whole)]
+    shared = ray.put(dataclasses.replace(whole, units=()))
+    refs = [sensitivity_task.remote(shared, part.units)
+            for part in sensitivity.split_tasks(whole, chunks)]
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:     # the chunk's own error, not Ray's wrapper
+        raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def sensitivity_task(task, units: tuple) -> list:
+    """One chunk of a sensitivity pass: ``task`` (shared through the object store) with these
+    ``units``; one torch thread, as the CPU it holds."""
+    import torch
+
+    from quantizer import sensitivity
+
+    torch.set_num_threads(1)
+    return sensitivity.run_sensitivity(dataclasses.replace(task, units=tuple(units)))
+
+
+def _free_cpus() -> int:
+    return max(0, int(ray.available_resources().get("CPU", 0)))
 
 
 @ray.remote(max_retries=2)

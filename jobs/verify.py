@@ -3,7 +3,8 @@
 For each row: every file listed in ``files`` exists with its sha256 and size; the model is in the
 zoo and the artifact's recipe (``recipe.json`` and the one inside ``model.pt``, read as data) names
 exactly the zoo's ``factory`` and ``kwargs`` for it; only then does the artifact reload with
-``quantizer.load_artifact`` and run on a sample input with finite outputs. Whoever can write DEST
+``quantizer.load_artifact`` and run on a sample input (with the zoo's ``forward_kwargs``) with
+finite outputs. Whoever can write DEST
 can write a recipe and the manifest too, so the zoo (trusted like code) decides what may be
 imported: an artifact naming anything else is refused before anything it names is imported, and
 what is loaded is the very bytes that were checked (copied to a private folder first). Converts
@@ -156,7 +157,7 @@ def _run_sample(folder: str, files: dict[str, bytes], spec: ModelSpec) -> str | 
                 f"float16 or float32")
     torch.manual_seed(0)
     with torch.inference_mode():
-        out = model(torch.rand(2, *shape).to(dtype))
+        out = model(torch.rand(2, *shape).to(dtype), **dict(spec.forward_kwargs))
     if not all(torch.isfinite(t.float()).all() for t in flatten_outputs(out)):
         return f"{folder}: the reloaded model gives non-finite outputs on a sample input"
     return None

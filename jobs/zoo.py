@@ -17,19 +17,22 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import yaml
 
-from jobs.zoo_rules import (BACKENDS, OBSERVERS, PRECISIONS, VALUE_CHECKS,  # noqa: F401 (re-exported)
-                            choice, positive_int, show)
+from jobs.zoo_rules import (BACKENDS, OBSERVERS, PRECISIONS, RECIPES,  # noqa: F401 (re-exported)
+                            SECTIONS, VALUE_CHECKS, choice, positive_int, show)
+from jobs.zoo_spec import Calibration, Fidelity, ModelSpec, Tuning  # noqa: F401 (re-exported)
 
 TOP_KEYS = ("defaults", "models")
 MODEL_KEYS = ("name", "factory", "kwargs", "checkpoint", "precisions", "backend", "calibration",
-              "min_sqnr_db", "min_speedup", "observer", "allow_pickle", "min_quantized_fraction")
+              "min_sqnr_db", "min_speedup", "observer", "allow_pickle", "min_quantized_fraction",
+              "checkpoint_key", "ignore_keys", "strip_prefix", "forward_kwargs", "fidelity",
+              "recipe", "max_top1_drop", "tuning")
 DEFAULT_KEYS = tuple(k for k in MODEL_KEYS if k not in ("name", "factory", "kwargs", "checkpoint"))
-CALIBRATION_KEYS = ("data", "batches", "batch_size", "shape")
+CALIBRATION_KEYS = SECTIONS["calibration"]
 
 
 class ZooError(Exception):
@@ -40,30 +43,6 @@ class ZooError(Exception):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{path}: {len(self.problems)} problem(s) in the zoo file:\n{lines}")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    data: str | None = None            # resolved URI/path of a file or folder of shards
-    batches: int = 10
-    batch_size: int = 8
-    shape: tuple[int, ...] | None = None   # per-row shape for plain fixed-size-list columns
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    factory: str                        # "module:callable"
-    checkpoint: str                     # resolved: absolute local path or URI
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    precisions: tuple[str, ...] = PRECISIONS
-    backend: str = "fbgemm"
-    calibration: Calibration = Calibration()
-    min_sqnr_db: float | None = None
-    min_speedup: float | None = None
-    observer: str = "default"
-    allow_pickle: bool = False
-    min_quantized_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,11 +83,11 @@ def _check_keys(rep: _Report, where: str, section: dict, allowed: Sequence[str],
             rep.add(where, f"{prefix}{key}", f"unknown key; {hint}allowed: {', '.join(allowed)}")
     for key in (k for k in allowed if k in section):
         value = section[key]
-        if key == "calibration" and isinstance(value, dict):
-            _check_keys(rep, where, value, CALIBRATION_KEYS, prefix="calibration.")
-        elif key == "calibration":
+        if key in SECTIONS and not prefix and isinstance(value, dict):
+            _check_keys(rep, where, value, SECTIONS[key], prefix=f"{key}.")
+        elif key in SECTIONS and not prefix:
             rep.add(where, key, f"{show(value)} is not a mapping; allowed keys: "
-                    f"{', '.join(CALIBRATION_KEYS)}")
+                    f"{', '.join(SECTIONS[key])}")
         elif key == "allow_pickle" and value is True and not rep.allow_unsafe_pickle:
             rep.add(where, key, "true, but a pickled checkpoint can run arbitrary code: "
                     "pass --allow-unsafe-pickle as well to permit it")
@@ -161,11 +140,13 @@ def _check_file(rep: _Report, doc: Any) -> tuple[dict, list[tuple[str, dict]]]:
 # ---- defaults, overrides, resolution -----------------------------------------------------------
 
 def _merge(defaults: dict, entry: dict) -> dict:
-    """A model's own keys over ``defaults``; ``calibration`` merges key by key."""
+    """A model's own keys over ``defaults``; ``calibration``, ``fidelity`` and ``tuning`` merge
+    key by key."""
     merged = {**defaults, **entry}
-    calib_d, calib_m = defaults.get("calibration", {}), entry.get("calibration", {})
-    if isinstance(calib_d, dict) and isinstance(calib_m, dict):
-        merged["calibration"] = {**calib_d, **calib_m}
+    for section in SECTIONS:
+        block_d, block_m = defaults.get(section, {}), entry.get(section, {})
+        if isinstance(block_d, dict) and isinstance(block_m, dict):
+            merged[section] = {**block_d, **block_m}
     return merged
 
 
@@ -222,17 +203,23 @@ def _build(merged: dict, base_dir: str, precisions: Sequence[str] | None,
     if calib.get("shape") is not None:
         calib["shape"] = tuple(calib["shape"])
     chosen = precisions or merged.get("precisions", PRECISIONS)
-    optional = {k: merged[k] for k in ("observer", "allow_pickle") if k in merged}
+    optional = {k: merged[k] for k in ("observer", "allow_pickle", "checkpoint_key", "recipe")
+                if k in merged}
     optional.update({k: float(merged[k]) for k in ("min_sqnr_db", "min_speedup",
-                                                    "min_quantized_fraction")
+                                                    "min_quantized_fraction", "max_top1_drop")
                      if merged.get(k) is not None})
+    optional.update({k: tuple(merged[k]) for k in ("ignore_keys", "strip_prefix") if k in merged})
+    tuning = dict(merged.get("tuning") or {})
+    if "budget_s" in tuning:
+        tuning["budget_s"] = float(tuning["budget_s"])
     return ModelSpec(
         name=merged["name"], factory=merged["factory"],
         checkpoint=_resolve(merged["checkpoint"], base_dir),
         kwargs=dict(merged.get("kwargs", {})),
         precisions=tuple(dict.fromkeys(chosen)),  # order kept, repeats dropped
         backend=backend or merged.get("backend", "fbgemm"),
-        calibration=Calibration(**calib), **optional)
+        calibration=Calibration(**calib), forward_kwargs=dict(merged.get("forward_kwargs") or {}),
+        fidelity=Fidelity(**(merged.get("fidelity") or {})), tuning=Tuning(**tuning), **optional)
 
 
 def _read(rep: _Report, path: str) -> Any:

@@ -1,8 +1,9 @@
 """The zoo file's value rules: for each key, what is allowed and how a bad value is described.
 
-Owns the allowed precisions, backends and observers, the name and factory patterns, and
-``VALUE_CHECKS``: key (``calibration.*`` for the calibration block) -> a check that returns what
-is wrong with a value (what was found and what is allowed), empty when it is fine. Walking the
+Owns the allowed precisions, backends, observers, recipes and sensitivity methods, the name and
+factory patterns, the keys of each nested block (``SECTIONS``: ``calibration``, ``fidelity``,
+``tuning``), and ``VALUE_CHECKS``: key (``calibration.*`` etc. inside a block) -> a check that
+returns what is wrong with a value (what was found and what is allowed), empty when it is fine. Walking the
 file, merging defaults and building ``ModelSpec`` stay in ``jobs.zoo``, which imports this module:
 so this one must not import it, nor ray, click, torch or quantizer (the CLI checks a zoo before
 Ray or torch start).
@@ -20,6 +21,18 @@ PRECISIONS = ("fp16", "int8")
 # here would pull torch into every `quantize-all --help`.
 BACKENDS = ("fbgemm", "qnnpack", "x86")
 OBSERVERS = ("default", "minmax")
+# Kept equal to quantizer.tuning.RECIPE_CHOICES / quantizer.sensitivity.METHODS /
+# quantizer.tuning.DEFAULT_BUDGET_S (a test checks it), for the same reason.
+RECIPES = ("static", "dynamic", "auto")
+METHODS = ("simulate", "convert")
+DEFAULT_BUDGET_S = 120.0
+
+# The nested blocks of a model (or of defaults): their keys; each merges with defaults key by key.
+SECTIONS = {
+    "calibration": ("data", "batches", "batch_size", "shape"),
+    "fidelity": ("output",),
+    "tuning": ("budget_s", "method"),
+}
 
 # Names become folders of the output store (artifacts/NAME/...), so no separators; and no leading
 # "." (so not "." or ".."): the store owns dot-names (.lock, .tmp-* temporaries it sweeps).
@@ -77,6 +90,24 @@ def _kwargs(v: Any) -> list[str]:
     return []
 
 
+def _globs(what: str, example: str) -> Check:
+    """A list of non-empty strings (``what`` names them in the message)."""
+    return _rule(lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+                 f"a list of {what} (e.g. [{example}])")
+
+
+def _forward_kwargs(v: Any) -> list[str]:
+    if not isinstance(v, dict):
+        return [f"{show(v)} is not a mapping of forward's fixed arguments (e.g. {{embed: false}})"]
+    bad = [k for k in v if not isinstance(k, str) or not k.isidentifier()]
+    if bad:
+        return [f"keys {', '.join(map(show, bad))} are not argument names"]
+    odd = [k for k, x in v.items() if not (x is None or isinstance(x, (str, bool, int))
+                                           or _is_number(x))]
+    return [f"{', '.join(f'{k}: {show(v[k])}' for k in odd)}: not JSON scalars (a string, "
+            f"number, true/false or null); tensors and lists cannot be fixed"] if odd else []
+
+
 positive_int = _rule(lambda v: _is_int(v) and v > 0, "a positive integer")
 _location = _rule(lambda v: isinstance(v, str) and v.strip() != "", "a path or URI")
 _number_or_null = _rule(lambda v: v is None or _is_number(v), "a number or null")
@@ -98,10 +129,22 @@ VALUE_CHECKS: dict[str, Check] = {
     "allow_pickle": _rule(lambda v: isinstance(v, bool), "true or false"),
     "min_quantized_fraction": _rule(lambda v: _is_number(v) and 0 <= v <= 1,
                                     "a number in [0, 1]"),
+    "checkpoint_key": _rule(lambda v: v is None or (isinstance(v, str) and all(v.split("."))),
+                            "a dotted key path (e.g. model_state, or ema.model) or null"),
+    "ignore_keys": _globs("glob patterns", "similarity_*"),
+    "strip_prefix": _globs("key prefixes", "module."),
+    "forward_kwargs": _forward_kwargs,
+    "recipe": choice("an int8 recipe", RECIPES),
+    "max_top1_drop": _rule(lambda v: v is None or (_is_number(v) and 0 <= v <= 1),
+                           "a number in [0, 1] or null"),
     "calibration.data": _location,
     "calibration.batches": positive_int,
     "calibration.batch_size": positive_int,
     "calibration.shape": _rule(lambda v: isinstance(v, list) and bool(v)
                                and all(_is_int(d) and d > 0 for d in v),
                                "a list of positive integers (e.g. [64])"),
+    "fidelity.output": _rule(lambda v: v is None or (_is_int(v) and v >= 0),
+                             "an output index (an integer >= 0) or null"),
+    "tuning.budget_s": _rule(lambda v: _is_number(v) and v > 0, "a number of seconds > 0"),
+    "tuning.method": choice("a sensitivity method", METHODS),
 }

@@ -219,6 +219,7 @@ _TESTS_EXTRA = """\
     factory: jobs.demo.models:TupleOutputCNN
     kwargs: {num_classes: 10, width: 96}
     checkpoint: ckpt/tuple-output-cnn.pt
+    fidelity: {output: 0}         # the class scores (top-1 agreement is measured on them only)
 """
 
 DEMO_ZOO = ("# The bundled demo zoo: small models trained on scikit-learn's digits (8x8 grey, 10 classes).\n"

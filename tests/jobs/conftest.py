@@ -1,4 +1,5 @@
-"""Shared fixtures for the orchestrator's tests: one local Ray per session, the demo zoo."""
+"""Shared fixtures for the orchestrator's tests: the demo zoo (the session's local Ray,
+``ray_local``, is in ``tests/conftest.py``: tests/real uses it too)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,6 @@ import os
 import shutil
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray (2 CPUs) for the whole session; stopped at the end."""
-    import ray
-
-    # address="local": always a new Ray, never one that another process registered on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

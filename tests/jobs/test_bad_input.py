@@ -56,13 +56,20 @@ BATCH = {
     "model-lstm": ("SeqLSTM", "ckpt/lstm.pt", "[fp16, int8]", "calib/good"),
     "model-tuple": ("TupleOut", "ckpt/good.pt", "[fp16, int8]", "calib/good"),
     "model-dict": ("DictOut", "ckpt/good.pt", "[fp16, int8]", "calib/good"),
+    "model-tuple-unnamed": ("TupleOut", "ckpt/good.pt", "[int8]", "calib/good"),
+    "model-output-missing": ("TupleOut", "ckpt/good.pt", "[fp16]", "calib/good"),
 }
+# zoo keys beyond the columns above: the class-score output of multi-output models
+EXTRA = {"model-tuple": "fidelity: {output: 0}",       # (logits, hidden)
+         "model-dict": "fidelity: {output: 1}",        # {"hidden", "logits"}: keys sorted
+         "model-output-missing": "fidelity: {output: 2}"}
 
 
 def _entry(name: str, factory: str, ckpt: str, precisions: str, data: str) -> str:
     factory = factory if ":" in factory else f"{F}:{factory}"
+    extra = f", {EXTRA[name]}" if name in EXTRA else ""
     return (f'  - {{name: {name}, factory: "{factory}", checkpoint: "{ckpt}", '
-            f"precisions: {precisions}, calibration: {{data: {data}}}}}")
+            f"precisions: {precisions}, calibration: {{data: {data}}}{extra}}}")
 
 
 def _write_inputs(zoo: Path) -> None:
@@ -211,12 +218,27 @@ def test_unsupported_models_fail_int8_and_keep_fp16(batch):
         assert rows[(name, "fp16")]["status"] == "ok"
 
 
-@pytest.mark.parametrize("name", ["model-tuple", "model-dict"])
-def test_tuple_and_dict_outputs_convert(batch, name):
+@pytest.mark.parametrize("name, logits", [("model-tuple", 0), ("model-dict", 1)])
+def test_tuple_and_dict_outputs_convert(batch, name, logits):
     for precision in ("fp16", "int8"):
         row = batch[4][(name, precision)]
         assert row["status"] == "ok", row["error_message"]
         assert row["sqnr_db"] > 15 and row["top1_agreement"] >= 0.9
+        assert row["top1_output"] == logits              # fidelity: {output: N}
+        assert len(row["sqnr_db_outputs"]) == 2 and min(row["sqnr_db_outputs"]) > 15
+
+
+def test_without_a_class_score_output_top1_is_null_and_the_note_says_why(batch):
+    row = batch[4][("model-tuple-unnamed", "int8")]
+    assert row["status"] == "ok", row["error_message"]
+    assert row["top1_agreement"] is None and row["top1_output"] is None
+    assert "top-1 agreement not measured" in row["notes"] and "fidelity: {output: N}" in row["notes"]
+    assert len(row["sqnr_db_outputs"]) == 2 and row["sqnr_db"] > 15
+
+
+def test_a_fidelity_output_the_model_lacks_is_a_named_config_error(batch):
+    _failed(batch[4], "model-output-missing", "fp16", "ConfigError", "fidelity.output",
+            "model-output-missing", "2")
 
 
 def test_hostile_pickle_is_refused_and_never_runs(batch):
