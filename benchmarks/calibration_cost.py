@@ -11,9 +11,10 @@ the split prepare (FX trace, fusion, observer insertion) / calibrate (the 10 for
 observers) / convert, the calibrate time divided by the time of the same 10 forward passes of the
 fp32 model (observer overhead), and the SQNR of the result on 64 held-out rows. Medians over the
 repeats; torch at its default thread count. The phases are the product's own
-(``quantizer.int8._prepare``, ``_calibrate``, ``convert_fx``), timed one by one.
+(``quantizer.int8.prepare_int8``, ``_calibrate``, ``convert_int8``: ``convert_fx`` and the graph
+passes after it), timed one by one.
 With ``--zoo``, also every model of the benchmark zoo through ``to_int8`` with ``fbgemm`` and
-``x86`` (default qconfigs: histogram activations, per-channel weights) and ``minmax`` (min/max
+``x86`` (observer ``default``: histogram activations, per-channel weights) and ``minmax`` (min/max
 activations, per-channel weights), in CPU seconds at one thread, the way a task runs it.
 Must not import ray or jobs.
 """
@@ -31,18 +32,14 @@ BATCHES, BATCH_SIZE, HELD_OUT = 10, 8, 64
 
 
 def _phases(model, batches, observer: str) -> tuple[dict, object]:
-    import copy
-
     from quantizer import int8
 
     t0 = time.perf_counter()
-    int8.set_engine("fbgemm")
-    prepared = int8._prepare(copy.deepcopy(model).eval(), (batches[0],), "fbgemm", observer)
+    prepared = int8.prepare_int8(model, batches[0][:1], "fbgemm", observer)
     t1 = time.perf_counter()
     used = int8._calibrate(prepared, model, ((b,) for b in batches))
     t2 = time.perf_counter()
-    with int8._quiet_ao():
-        converted = int8.convert_fx(prepared)
+    converted = int8.convert_int8(prepared)
     t3 = time.perf_counter()
     assert used == len(batches)
     return {"prepare_s": t1 - t0, "calibrate_s": t2 - t1, "convert_s": t3 - t2}, converted

@@ -5,9 +5,12 @@ Owns ``to_int8`` (calibrate, then convert, optionally keeping named layers in fl
 accuracy tuner (``quantizer.tuning``) builds on (``calibrate_int8``, ``prepare_int8``,
 ``convert_int8``, ``fallback_units``, ``dynamic_units``, ``Int8Simulator``), the settings dict
 every int8 result carries (``int8_settings``) and ``rebuild_int8`` (the skeleton a saved int8
-state_dict loads into), ``set_engine`` and ``quantized_fraction``. This is the ONLY module of the
-package that imports ``torch.ao.quantization`` (deprecated in torch 2.10+, still working through
-2.14), so a torchao pt2e engine can sit beside it later. Must not import ray, click or ``jobs``.
+state_dict loads into), ``set_engine`` and ``quantized_fraction``; re-exports ``activation_range``
+and the settings names of ``int8_qconfig`` (which ops are quantized, and how). With
+``int8_qconfig``, ``int8_lowering`` and ``int8_float_outputs`` (passes over the converted graph)
+it is the int8 engine: the only modules of the package that import ``torch.ao`` (deprecated in
+torch 2.10+, still working through 2.14), so a torchao pt2e engine can sit beside them later.
+Must not import ray, click or ``jobs``.
 """
 
 from __future__ import annotations
@@ -24,28 +27,21 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from quantizer import rnn, tracing
+from quantizer import int8_float_outputs, int8_lowering, rnn, tracing
 from quantizer.errors import CalibrationError, ConfigError, InputShapeError, TraceError
+from quantizer.int8_qconfig import (  # noqa: F401  (ACTIVATION_RANGES ... re-exported)
+    ACTIVATION_RANGES, BACKENDS, FLOAT_OPS, OBSERVERS, QCONFIG_VERSION, QCONFIG_VERSIONS, RECIPES,
+    SETTINGS_FIELDS, activation_range, checked_settings, new_settings, qconfig_mapping,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import torch.ao.nn.quantized.dynamic as nnqd
-    from torch.ao.quantization import (QConfig, get_default_qconfig_mapping,
-                                       per_channel_dynamic_qconfig, quantize_dynamic)
+    from torch.ao.quantization import QConfig, per_channel_dynamic_qconfig, quantize_dynamic
     from torch.ao.quantization.fake_quantize import FakeQuantizeBase
-    from torch.ao.quantization.observer import (MinMaxObserver, ObserverBase,
-                                                PerChannelMinMaxObserver)
-    from torch.ao.quantization.qconfig_mapping import QConfigMapping
+    from torch.ao.quantization.observer import ObserverBase
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-BACKENDS = ("fbgemm", "qnnpack", "x86")
-OBSERVERS = ("default", "minmax")
-RECIPES = ("static", "dynamic")
-# the fields of an int8 settings dict (rebuild_int8 refuses any other: an artifact from a newer tool)
-SETTINGS_FIELDS = ("recipe", "backend", "observer", "float_layers", "forward_kwargs")
-
-# fbgemm/x86 kernels can overflow 16-bit accumulators with full-range activations; qnnpack cannot.
-_REDUCE_RANGE = {"fbgemm": True, "qnnpack": False, "x86": True}
 _QUANTIZED_DTYPES = (torch.qint8, torch.quint8)
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -92,18 +88,6 @@ def set_engine(backend: str) -> None:
     torch.backends.quantized.engine = backend
 
 
-def _qconfig_mapping(backend: str, observer: str) -> QConfigMapping:
-    mapping = get_default_qconfig_mapping(backend)
-    if observer == "minmax":
-        # set_global keeps the per-op entries (sigmoid, softmax, ... with fixed qparams).
-        mapping.set_global(QConfig(
-            activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=_REDUCE_RANGE[backend]),
-            weight=PerChannelMinMaxObserver.with_args(
-                dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
-        ))
-    return mapping
-
-
 def _user_frame(root: nn.Module, tb: Any) -> str:
     """Describe the innermost traceback frame in the user's code: module name, file:line, source."""
     names = {id(module): name for name, module in root.named_modules()}
@@ -125,13 +109,13 @@ def _user_frame(root: nn.Module, tb: Any) -> str:
     return f" at {where}: `{source}`" if source else f" at {where}"
 
 
-def _prepare(fp32: nn.Module, example: tuple, backend: str, observer: str,
+def _prepare(fp32: nn.Module, example: tuple, settings: Mapping[str, Any],
              forward_kwargs: dict | None = None) -> torch.fx.GraphModule:
     forward_kwargs = tracing.check_forward_kwargs(fp32, forward_kwargs or {})
     try:
         with _quiet_ao():
             root = tracing.trace_fixed(fp32, forward_kwargs) if forward_kwargs else fp32
-            return prepare_fx(root, _qconfig_mapping(backend, observer), example_inputs=example)
+            return prepare_fx(root, qconfig_mapping(fp32, settings), example_inputs=example)
     except Exception as exc:  # torch.fx raises many types while tracing; all mean "cannot trace"
         where = _user_frame(fp32, exc.__traceback__)
         cause = tracing.fixed_kwargs_advice(fp32, len(example), forward_kwargs)
@@ -261,6 +245,8 @@ def calibrate_int8(
     observer: str = "default",
     *,
     forward_kwargs: dict | None = None,
+    activation_range: str | None = None,
+    qconfig_version: int = QCONFIG_VERSION,
 ) -> torch.fx.GraphModule:
     """Trace ``model`` with observers and calibrate them: the half of ``to_int8`` done once.
 
@@ -272,8 +258,8 @@ def calibrate_int8(
 
     Returns:
         The calibrated, prepared ``GraphModule`` with ``calibration_batches_used``, ``backend``,
-        ``observer``, ``forward_kwargs``; run it only through ``convert_int8`` or
-        ``Int8Simulator``.
+        ``observer``, ``forward_kwargs``, ``qconfig_settings``; run it only through
+        ``convert_int8`` or ``Int8Simulator``.
 
     Raises: as ``to_int8``.
 
@@ -282,7 +268,9 @@ def calibrate_int8(
     """
     _validate(calibration_batches, backend, observer)
     example, batches = _first_batch(model, calibration_loader)
-    prepared = prepare_int8(model, example, backend, observer, forward_kwargs=forward_kwargs)
+    one_row = tuple(t[:1] if t.dim() else t for t in example)  # what the graph passes run on
+    prepared = prepare_int8(model, one_row, backend, observer, forward_kwargs=forward_kwargs,
+                            activation_range=activation_range, qconfig_version=qconfig_version)
     rest = (_as_inputs(batch, index) for index, batch in
             enumerate(itertools.islice(batches, calibration_batches - 1), start=2))
     used = _calibrate(prepared, model, itertools.chain([example], rest), prepared.forward_kwargs)
@@ -296,21 +284,35 @@ def calibrate_int8(
 
 
 def prepare_int8(model: nn.Module, example_inputs: Any, backend: str = "fbgemm",
-                 observer: str = "default", *,
-                 forward_kwargs: dict | None = None) -> torch.fx.GraphModule:
+                 observer: str = "default", *, forward_kwargs: dict | None = None,
+                 activation_range: str | None = None,
+                 qconfig_version: int = QCONFIG_VERSION) -> torch.fx.GraphModule:
     """``model`` (deep-copied) traced with uncalibrated observers, as ``calibrate_int8`` starts.
 
+    Args: as ``to_int8``; ``example_inputs`` (a tensor or tuple of tensors of the model's input
+    shape) is also what the graph passes after ``convert_fx`` run once on (one row is enough).
+
     Raises:
-        ConfigError: unknown backend or observer, bad ``forward_kwargs``.
+        ConfigError: unknown backend, observer, range or version, full range where it is not
+            exact, bad ``forward_kwargs``.
         TraceError: torch.fx cannot trace the model.
     """
     _validate(1, backend, observer)
+    settings = new_settings(backend, observer, activation_range, qconfig_version)
+    return _prepared(model, example_inputs, settings, forward_kwargs)
+
+
+def _prepared(model: nn.Module, example_inputs: Any, settings: dict,
+              forward_kwargs: dict | None) -> torch.fx.GraphModule:
+    """``prepare_int8`` with checked qconfig settings (``new_settings`` / ``checked_settings``)."""
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    set_engine(backend)
+    set_engine(settings["backend"])
     fixed = tracing.check_forward_kwargs(model, forward_kwargs or {})
-    prepared = _prepare(copy.deepcopy(model).eval(), example, backend, observer, fixed)
-    prepared.calibration_batches_used, prepared.backend, prepared.observer = 0, backend, observer
-    prepared.forward_kwargs = fixed
+    prepared = _prepare(copy.deepcopy(model).eval(), example, settings, fixed)
+    prepared.calibration_batches_used = 0
+    prepared.backend, prepared.observer = settings["backend"], settings["observer"]
+    prepared.forward_kwargs, prepared.qconfig_settings = fixed, dict(settings)
+    prepared.example_inputs = example
     return prepared
 
 
@@ -349,6 +351,8 @@ def to_int8(
     *,
     float_layers: Collection[str] = (),
     forward_kwargs: dict | None = None,
+    activation_range: str | None = None,
+    qconfig_version: int = QCONFIG_VERSION,
 ) -> torch.fx.GraphModule:
     """Post-training static int8 quantization in FX graph mode, calibrated on real data.
 
@@ -358,12 +362,16 @@ def to_int8(
             first batch is also the example input for tracing. It is iterated once.
         calibration_batches: how many batches to calibrate on (at most).
         backend: ``fbgemm`` (x86 servers), ``qnnpack`` (ARM) or ``x86``.
-        observer: ``default`` (the backend's default qconfig, histogram activations) or
-            ``minmax`` (min/max activations, per-channel weights: faster calibration).
+        observer: ``default`` (histogram activations) or ``minmax`` (min/max activations:
+            faster calibration); weights are per-channel symmetric either way.
         float_layers: names from ``fallback_units`` to keep in float (see ``convert_int8``).
         forward_kwargs: fixed keyword arguments of ``forward`` (JSON scalars, e.g.
             ``{"embed": False}``): FX traces them as ``concrete_args`` and every calibration call
             passes them. The result still accepts them by name and asserts their value.
+        activation_range: ``full`` or ``reduced``; None (the default) takes
+            ``activation_range(backend)``, the widest range exact on this CPU.
+        qconfig_version: which ops are quantized and how (``QCONFIG_VERSIONS``; 1 is the mapping
+            of quantize-all 0.1, kept to compare and to rebuild old artifacts).
 
     Returns:
         The converted ``GraphModule``, with attributes ``calibration_batches_used``, ``backend``,
@@ -371,8 +379,9 @@ def to_int8(
         from). Run it after ``set_engine(backend)``.
 
     Raises:
-        ConfigError: ``calibration_batches < 1``, unknown backend, observer or float layer, a
-            forward_kwargs name forward lacks or a value that is not a JSON scalar.
+        ConfigError: ``calibration_batches < 1``, unknown backend, observer, range, version or
+            float layer, full range asked where it is not exact, a forward_kwargs name forward
+            lacks or a value that is not a JSON scalar.
         CalibrationError: empty loader, NaN/Inf inputs, non-finite quantization scales.
         TraceError: torch.fx cannot trace the model (the advice names ``forward_kwargs`` when
             fixing forward's non-tensor arguments would make it traceable).
@@ -385,7 +394,8 @@ def to_int8(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)   # re-raised below, at our caller
         prepared = calibrate_int8(model, calibration_loader, calibration_batches, backend, observer,
-                                  forward_kwargs=forward_kwargs)
+                                  forward_kwargs=forward_kwargs, activation_range=activation_range,
+                                  qconfig_version=qconfig_version)
     if prepared.calibration_batches_used < calibration_batches:
         warnings.warn(CalibrationWarning(
             f"calibrated {type(model).__name__} on {prepared.calibration_batches_used} of "
@@ -516,7 +526,22 @@ def _convert(prepared: torch.fx.GraphModule, float_nodes: set[str]) -> torch.fx.
             mapping.set_module_name_object_type_order(scope, node.target, index, None)
     work.recompile()
     with _quiet_ao(r".*must run observer"):
-        return convert_fx(work, qconfig_mapping=mapping)
+        converted = convert_fx(work, qconfig_mapping=mapping)
+        return _lowered(converted, prepared.example_inputs, prepared.qconfig_settings)
+
+
+def _lowered(converted: torch.fx.GraphModule, example: tuple, settings: Mapping[str, Any]):
+    """Version 2's passes after convert_fx (docs/fidelity.md): float ops read float tensors, and
+    int8 layers whose outputs only float ops read keep them float."""
+    if settings["qconfig_version"] >= 2:
+        int8_lowering.dequantize_float_inputs(converted, example, FLOAT_OPS)
+        int8_lowering.float_layer_norms(converted)
+        int8_lowering.int8_adds(converted)
+        if settings["backend"] != "qnnpack":      # qnnpack has no float-output int8 Linear
+            int8_float_outputs.lower_float_outputs(converted)
+        int8_float_outputs.float_output_convs(converted)
+        int8_lowering.drop_float_roundtrips(converted)
+    return converted
 
 
 def convert_int8(prepared: torch.fx.GraphModule, float_layers: Collection[str] = (), *,
@@ -551,7 +576,7 @@ def convert_int8(prepared: torch.fx.GraphModule, float_layers: Collection[str] =
     converted = _convert(prepared, float_nodes)
     if prepared.calibration_batches_used:
         _check_scales(converted, model_name)
-    settings = {"recipe": "static", "backend": prepared.backend, "observer": prepared.observer,
+    settings = {**prepared.qconfig_settings,
                 "float_layers": [name for name in units if name in set(float_layers)],
                 "forward_kwargs": dict(getattr(prepared, "forward_kwargs", {}))}
     return _labelled(converted, prepared.calibration_batches_used, settings)
@@ -589,12 +614,12 @@ def _weight_fake_quant(weight: torch.Tensor, qconfig: QConfig) -> Callable:
     observer = qconfig.weight()
     observer(weight)
     scale, zero_point = observer.calculate_qparams()
-    info = torch.iinfo(observer.dtype)
+    low, high = observer.quant_min, observer.quant_max   # a depthwise conv's weights: 7 bits
     if observer.qscheme in (torch.per_channel_affine, torch.per_channel_symmetric):
         return lambda t: torch.fake_quantize_per_channel_affine(
-            t, scale.float(), zero_point.to(torch.int32), observer.ch_axis, info.min, info.max)
+            t, scale.float(), zero_point.to(torch.int32), observer.ch_axis, low, high)
     return lambda t: torch.fake_quantize_per_tensor_affine(t, float(scale), int(zero_point),
-                                                           info.min, info.max)
+                                                           low, high)
 
 
 class _SimPReLU(nn.Module):
@@ -622,6 +647,18 @@ def _weight_holder(module: nn.Module) -> nn.Module | None:
     return module if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) else None
 
 
+def _float_output(module: nn.Module, settings: Mapping[str, Any]) -> bool:
+    """Whether version 2's lowering gives this prepared layer's int8 kernel a float output where
+    only float ops read it (``int8_float_outputs``: Linear but on qnnpack, dense k x k convs)."""
+    if settings["qconfig_version"] < 2:
+        return False
+    if type(module) is nn.Linear:
+        return settings["backend"] != "qnnpack"
+    conv = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+    return type(conv) is nn.Conv2d and not 1 < conv.groups == conv.in_channels \
+        and tuple(conv.kernel_size) != (1, 1)
+
+
 class Int8Simulator:
     """A calibrated model that runs with any subset of its fallback units fake-quantized.
 
@@ -643,14 +680,19 @@ class Int8Simulator:
         self._quantizable = {name for name, qconfig in
                              graph.meta["_observed_graph_module_attrs"].node_name_to_qconfig.items()
                              if qconfig is not None}
-        self._sites: list[tuple[_FakeQuant, list[str]]] = []
+        settings = getattr(prepared, "qconfig_settings", None) or {"qconfig_version": 1}
+        self._sites: list[tuple[_FakeQuant, list[str], list[str]]] = []
         for index, node in enumerate(list(graph.graph.nodes)):
             if node.op == "call_module" and _is_observer(graph.get_submodule(node.target)):
                 site = _FakeQuant(graph.get_submodule(node.target))
                 graph.add_module(f"_sim_site_{index}", site)
                 node.target = f"_sim_site_{index}"
-                around = [n.name for n in node.args if isinstance(n, torch.fx.Node)]
-                self._sites.append((site, around + [n.name for n in node.users]))
+                # a producer whose int8 output version 2 keeps float when no int8 op reads it
+                # (int8_float_outputs) quantizes nothing here by itself
+                producers = [n.name for n in node.args if isinstance(n, torch.fx.Node)
+                             and not (n.op == "call_module"
+                                      and _float_output(graph.get_submodule(n.target), settings))]
+                self._sites.append((site, producers, [n.name for n in node.users]))
         self._weights = [self._simulated(node) for node in self.units.values()
                          if node.op == "call_module"]
         graph.recompile()
@@ -677,8 +719,8 @@ class Int8Simulator:
             quantized = {self.units[name].name for name in quantized_only} & self._quantizable
         else:
             quantized = self._quantizable - {self.units[name].name for name in float_layers}
-        for site, around in self._sites:
-            site.enabled = any(name in quantized for name in around)
+        for site, producers, consumers in self._sites:
+            site.enabled = any(name in quantized for name in producers + consumers)
         for name, switch in self._weights:
             switch(name in quantized)
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
@@ -832,7 +874,9 @@ def to_int8_dynamic(model: nn.Module, backend: str = "fbgemm", *,
         if type(module) in _TENSOR_STATE:
             module.__class__ = _TENSOR_STATE[type(module)]
             module.unregister_packed()
+    # no observer or qconfig: torch's dynamic kernels choose each batch's activation range
     settings = {"recipe": "dynamic", "backend": backend, "observer": None,
+                "activation_range": None, "qconfig_version": None,
                 "float_layers": [name for name in units if name in set(float_layers)],
                 "forward_kwargs": tracing.check_forward_kwargs(model, forward_kwargs or {})}
     return _labelled(work, 0, settings)
@@ -844,61 +888,43 @@ def to_int8_dynamic(model: nn.Module, backend: str = "fbgemm", *,
 def int8_settings(converted: nn.Module) -> dict:
     """The JSON-able settings an int8 result was made with (what ``rebuild_int8`` takes).
 
-    Fields: ``recipe`` (``static`` | ``dynamic``), ``backend``, ``observer`` (null for dynamic),
-    ``float_layers`` (unit names kept in float, in model order), ``forward_kwargs`` (the fixed
-    arguments of ``forward`` it was traced and is called with).
+    Fields (``SETTINGS_FIELDS``): ``recipe`` (``static`` | ``dynamic``), ``backend``,
+    ``observer``, ``activation_range`` (``full`` | ``reduced``), ``qconfig_version`` (the last
+    three null for dynamic), ``float_layers`` (unit names kept in float, in model order),
+    ``forward_kwargs`` (the fixed arguments of ``forward`` it was traced and is called with).
     """
     return copy.deepcopy(converted.int8_settings)
-
-
-def _checked_settings(settings: Mapping[str, Any]) -> dict:
-    if not isinstance(settings, Mapping):
-        raise ConfigError(f"int8 settings must be a dict, got {type(settings).__name__}")
-    unknown = sorted(set(settings) - set(SETTINGS_FIELDS))
-    if unknown:
-        raise ConfigError(f"int8 settings hold unknown fields {', '.join(unknown)} (known: "
-                          f"{', '.join(SETTINGS_FIELDS)}); written by a newer quantize-all? "
-                          "Convert the model again with this version")
-    recipe = settings.get("recipe", "static")
-    if recipe not in RECIPES:
-        raise ConfigError(f"unknown int8 recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    floats = settings.get("float_layers") or []
-    if not isinstance(floats, list) or not all(isinstance(n, str) for n in floats):
-        raise ConfigError(f"int8 settings: float_layers must be a list of names, got {floats!r}")
-    observer = settings.get("observer") or "default"
-    return {"recipe": recipe, "backend": settings.get("backend", "fbgemm"),
-            "observer": observer, "float_layers": floats,
-            "forward_kwargs": dict(settings.get("forward_kwargs") or {})}
 
 
 def rebuild_int8(model: nn.Module, example_inputs: Any, settings: Mapping[str, Any]) -> nn.Module:
     """The int8 skeleton of ``model`` that a saved result's state_dict loads into, exactly.
 
     Builds the same graph and modules as the conversion that ``settings`` describes (recipe,
-    backend, observer, layers kept float, fixed forward arguments) but with placeholder scales
-    and weights: only meaningful once the converted model's state_dict (and the state it keeps
-    outside it, see ``quantizer.module_state``) is loaded into it.
+    backend, observer, activation range, qconfig version, layers kept float, fixed forward
+    arguments) but with placeholder scales and weights: only meaningful once the converted
+    model's state_dict (and the state it keeps outside it, see ``quantizer.module_state``) is
+    loaded into it.
 
     Args:
         model: an fp32 model of the same architecture (its weights are irrelevant).
         example_inputs: a tensor or tuple of tensors of the model's input shape.
         settings: ``int8_settings(converted)`` of the saved result (a missing field takes the
-            conversion's default).
+            conversion's default; a missing ``qconfig_version`` means 1, quantize-all 0.1).
 
     Returns:
         The int8 module with ``calibration_batches_used = 0``.
 
     Raises:
-        ConfigError: unknown fields, recipe, backend, observer or float layer.
+        ConfigError: unknown fields, recipe, backend, observer, range, version or float layer.
         TraceError: torch.fx cannot trace the model.
     """
-    checked = _checked_settings(settings)
+    checked = checked_settings(settings)
     name, fixed = type(model).__name__, checked["forward_kwargs"]
     if checked["recipe"] == "dynamic":
         return to_int8_dynamic(model, checked["backend"], float_layers=checked["float_layers"],
                                forward_kwargs=fixed)
-    prepared = prepare_int8(model, example_inputs, checked["backend"], checked["observer"],
-                            forward_kwargs=fixed)
+    qconfig = {k: checked[k] for k in SETTINGS_FIELDS if k not in ("float_layers", "forward_kwargs")}
+    prepared = _prepared(model, example_inputs, qconfig, fixed)
     return convert_int8(prepared, checked["float_layers"], model_name=name)
 
 

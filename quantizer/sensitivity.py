@@ -72,6 +72,7 @@ class SensitivityTask:
         method: ``simulate`` or ``convert`` (static; dynamic always converts).
         budget_s: stop starting new units after this many seconds (unmeasured: ``None``).
         forward_kwargs: fixed keyword arguments of ``forward`` (see ``to_int8``).
+        activation_range, qconfig_version: the calibrated model's (static; see ``to_int8``).
     """
 
     recipe: str
@@ -86,6 +87,8 @@ class SensitivityTask:
     method: str = "simulate"
     budget_s: float = math.inf
     forward_kwargs: dict = dataclasses.field(default_factory=dict)
+    activation_range: str | None = None
+    qconfig_version: int = int8.QCONFIG_VERSION
 
 
 def split_tasks(task: SensitivityTask, chunks: int) -> list[SensitivityTask]:
@@ -104,7 +107,9 @@ def split_tasks(task: SensitivityTask, chunks: int) -> list[SensitivityTask]:
 def _static_runner(task: SensitivityTask):
     """(unit -> parameters, unit -> outputs with only that unit quantized)"""
     prepared = int8.prepare_int8(task.model, task.example_inputs, task.backend, task.observer,
-                                 forward_kwargs=task.forward_kwargs)
+                                 forward_kwargs=task.forward_kwargs,
+                                 activation_range=task.activation_range,
+                                 qconfig_version=task.qconfig_version)
     int8.load_observer_state(prepared, task.observer_state)
     if task.method == "simulate":
         simulator = int8.Int8Simulator(prepared, inplace=True)
@@ -217,9 +222,10 @@ def task_for(recipe: str, model: nn.Module, inputs: Any, *, prepared=None, backe
         reference = model(*args, **fixed)
     if recipe == "static":
         example = tuple(t[:1] for t in args)
+        qconfig = prepared.qconfig_settings
         return SensitivityTask("static", model, prepared.backend, prepared.observer, example,
                                int8.observer_state(prepared), args,
                                tuple(int8.fallback_units(prepared)), reference, method, budget_s,
-                               fixed)
+                               fixed, qconfig["activation_range"], qconfig["qconfig_version"])
     return SensitivityTask("dynamic", model, backend, None, (), None, args,
                            tuple(int8.dynamic_units(model)), reference, "convert", budget_s, fixed)

@@ -70,23 +70,31 @@ def _recipe(precision: str, factory: str = f"{HERE}:Zoo", **extra) -> dict:
             "input_dtype": "float16" if precision == "fp16" else "float32", **extra}
 
 
+def _int8_artifact(folder, **settings):
+    model, x = _zoo()
+    converted = to_int8(model, [(x[i:i + 16], None) for i in (0, 16)], calibration_batches=2,
+                        **settings)
+    save_artifact(converted, folder, _recipe("int8"), x[:1])
+    return converted, x[32:], folder
+
+
 @pytest.fixture
 def int8_artifact(tmp_path):
-    model, x = _zoo()
-    converted = to_int8(model, [(x[i:i + 16], None) for i in (0, 16)], calibration_batches=2)
-    save_artifact(converted, tmp_path / "art", _recipe("int8"), x[:1])
-    return converted, x[32:], tmp_path / "art"
+    return _int8_artifact(tmp_path / "art")
 
 
-def test_int8_state_outside_the_state_dict_is_saved_and_restored(int8_artifact):
-    converted, x, folder = int8_artifact
+@pytest.mark.parametrize("version", [1, 2])
+def test_int8_state_outside_the_state_dict_is_saved_and_restored(version, tmp_path):
+    converted, x, folder = _int8_artifact(tmp_path / "art", qconfig_version=version)
     prelu = converted.prelu
     assert "QuantizedPReLU" in type(prelu)._get_name(prelu)
     payload = torch.load(folder / "model.pt", weights_only=True)
     kept = payload["module_state"]
     assert {"scale", "zero_point", "weight"} <= set(kept["prelu"])   # none is in the state_dict
     assert not any(k.startswith("prelu.") for k in payload["state_dict"])
-    assert {"scale", "zero_point"} <= set(kept["elu"]) and {"scale", "zero_point"} <= set(kept["softmax"])
+    assert {"scale", "zero_point"} <= set(kept["elu"])
+    # version 2 keeps softmax float (as pt2e does); version 1's int8 one keeps its qparams outside
+    assert ({"scale", "zero_point"} <= set(kept["softmax"])) == (version == 1)
     # F.linear's packed weight is a torchbind object in the state_dict: stored as tensors instead
     assert payload["packed_weights"]["_packed_weight_0"]["kind"] == "linear"
     assert isinstance(converted.state_dict()["_packed_weight_0"], torch.ScriptObject)
@@ -226,8 +234,9 @@ def test_recipe_that_contradicts_the_model_is_refused(int8_artifact, tmp_path):
         save_artifact(converted, tmp_path / "bad", _recipe("int8", backend="qnnpack"), x[:1])
 
 
-def test_format_version_1_loads_only_without_the_fingerprint_check(int8_artifact, tmp_path):
-    converted, x, folder = int8_artifact
+def test_format_version_1_loads_only_without_the_fingerprint_check(tmp_path):
+    # format 1 was written by quantize-all 0.1, whose int8 graphs are qconfig version 1's
+    converted, x, folder = _int8_artifact(tmp_path / "art", qconfig_version=1)
     payload = torch.load(folder / "model.pt", weights_only=True)
     old = {k: payload[k] for k in ("format", "recipe", "state_dict")}
     old["format_version"] = 1

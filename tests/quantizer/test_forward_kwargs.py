@@ -8,7 +8,7 @@ from torch import nn
 
 from quantizer.errors import ConfigError, TraceError
 from quantizer.fidelity import sqnr_db
-from quantizer.int8 import rebuild_int8, to_int8
+from quantizer.int8 import QCONFIG_VERSION, activation_range, rebuild_int8, to_int8
 
 
 class Embedder(nn.Module):
@@ -72,7 +72,9 @@ def test_fixed_kwargs_trace_calibrate_and_are_accepted_on_calls(data, embed):
     fixed = {"embed": embed, "scale": 3.0}        # scale != its default: calibration passes it
     converted = to_int8(model, _loader(x), calibration_batches=3, forward_kwargs=fixed)
     assert converted.int8_settings == {"recipe": "static", "backend": "fbgemm",
-                                       "observer": "default", "float_layers": [],
+                                       "observer": "default",
+                                       "activation_range": activation_range("fbgemm"),
+                                       "qconfig_version": QCONFIG_VERSION, "float_layers": [],
                                        "forward_kwargs": fixed}
     held_out = x[48:]
     with torch.no_grad():
@@ -86,10 +88,19 @@ def test_fixed_kwargs_trace_calibrate_and_are_accepted_on_calls(data, embed):
 
 
 def test_a_scalar_left_unfixed_is_named_too(data):
-    model, x = data                     # scale feeds a multiplication: FX would observe a float
+    model, x = data     # scale feeds a multiplication, which version 1 quantizes: FX observes a float
     with pytest.raises(TraceError, match=r"argument\(s\) scale:.*`forward_kwargs: "
                                          r"\{embed: false, scale: 1\.0\}`"):
-        to_int8(model, _loader(x), forward_kwargs={"embed": False})
+        to_int8(model, _loader(x), forward_kwargs={"embed": False}, qconfig_version=1)
+
+
+def test_a_scalar_feeding_a_float_op_may_stay_free(data):
+    model, x = data     # version 2 keeps mul in float: scale stays an argument of the int8 graph
+    converted = to_int8(model, _loader(x), calibration_batches=3, forward_kwargs={"embed": False})
+    held_out = x[48:]
+    with torch.no_grad():
+        assert sqnr_db(model(held_out, scale=0.5), converted(held_out, scale=0.5)) >= 20.0
+        assert not torch.equal(converted(held_out, scale=0.5), converted(held_out))
 
 
 def test_rebuild_with_the_settings_is_bit_exact(data):

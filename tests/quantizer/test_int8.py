@@ -11,6 +11,7 @@ from torch import nn
 
 from quantizer.errors import CalibrationError, ConfigError, InputShapeError, TraceError
 from quantizer.fidelity import sqnr_db
+from quantizer.int8_float_outputs import FloatOutputLinear
 from quantizer.int8 import (
     BACKENDS, OBSERVERS, CalibrationWarning, quantized_fraction, rebuild_int8, set_engine, to_int8,
 )
@@ -21,8 +22,10 @@ from tests.quantizer.conftest import (
 
 
 def _quantized_layers(converted: nn.Module) -> list[nn.Module]:
-    # the intrinsic fused classes (ConvReLU2d, LinearReLU) subclass these two
-    return [m for m in converted.modules() if isinstance(m, (nnq.Conv2d, nnq.Linear))]
+    # the intrinsic fused classes (ConvReLU2d, LinearReLU) subclass these two; a Linear whose
+    # output feeds float ops (the logits here) has an int8 GEMM with a float output
+    return [m for m in converted.modules()
+            if isinstance(m, (nnq.Conv2d, nnq.Linear, FloatOutputLinear))]
 
 
 def _held_out(digits, flat: bool) -> torch.Tensor:
