@@ -44,9 +44,10 @@ class SourceChangedError(Exception):
 @lru_cache(maxsize=1)
 def worker_facts() -> dict:
     """What this process converts with: the worker part of every key (``jobs.keys``)."""
-    chooser = getattr(quantizer.int8, "activation_range", None)   # CONTRACTS: H2 adds it
     return {"torch": torch.__version__, "quantizer": quantizer.__version__,
-            "activation_range": {b: chooser(b) if chooser else None for b in quantizer.BACKENDS}}
+            "int8_qconfig": quantizer.int8.QCONFIG_VERSION,
+            "activation_range": {b: quantizer.int8.activation_range(b)
+                                 for b in quantizer.BACKENDS}}
 
 
 def convert_model(job: ConversionJob, table=None, *, store: Store | None = None,

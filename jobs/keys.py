@@ -11,7 +11,8 @@
   the calibration data's sha256.
 - *facts* (the worker's part, ``facts_part``): the torch and quantizer versions of the process
   that converts, and for int8 the activation range its quantizer chooses for the backend
-  (``quantizer.int8.activation_range``). A task computes these itself and completes the key, so a
+  (``quantizer.int8.activation_range``) and its qconfig version (``QCONFIG_VERSION``: which ops
+  are quantized, and how). A task computes these itself and completes the key, so a
   row is keyed on what its worker ran, even on a ``ray://`` cluster whose workers differ from the
   driver.
 
@@ -91,6 +92,7 @@ def facts_part(precision: str, backend: str | None, facts: dict) -> dict:
     part = {"torch": facts["torch"], "quantizer": facts["quantizer"]}
     if precision == "int8":
         part["activation_range"] = (facts.get("activation_range") or {}).get(backend)
+        part["int8_qconfig"] = facts.get("int8_qconfig")   # which ops int8 quantizes, and how
     return part
 
 

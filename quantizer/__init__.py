@@ -6,7 +6,7 @@ script alike (``tests/quantizer/test_imports.py`` proves it).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from quantizer.errors import (  # noqa: F401  (re-exported)
     ArtifactError,

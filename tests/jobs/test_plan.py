@@ -22,7 +22,7 @@ from jobs.store import Store, child_uri
 from jobs.zoo import Calibration, ModelSpec, load_zoo
 
 REPO = Path(__file__).resolve().parents[2]
-FACTS = {"torch": "2.13.0+cpu", "quantizer": "0.1.0",
+FACTS = {"torch": "2.13.0+cpu", "quantizer": "0.1.0", "int8_qconfig": 2,
          "activation_range": {"fbgemm": "reduced", "qnnpack": "full", "x86": "reduced"}}
 CODE = FactoryCode("/m.py", "c0de" * 16, "pkg==1.0")
 SPEC = ModelSpec(name="m", factory="pkg.models:Net", checkpoint="/ckpt/m.pt",
@@ -42,6 +42,7 @@ def _key(spec=SPEC, precision="int8", source="a" * 64, calib="b" * 64, code=CODE
     {"spec": replace(SPEC, calibration=replace(SPEC.calibration, batches=5))},
     {"facts": dict(FACTS, torch="2.14.0")}, {"facts": dict(FACTS, quantizer="0.2.0")},
     {"facts": dict(FACTS, activation_range=dict(FACTS["activation_range"], fbgemm="full"))},
+    {"facts": dict(FACTS, int8_qconfig=3)},
 ])
 def test_every_input_and_worker_fact_changes_the_int8_key(change):
     assert _key(**change) != _key()
@@ -53,7 +54,7 @@ def test_int8_only_settings_leave_the_fp16_key_alone():
                                                min_sqnr_db=30.0, min_speedup=2.0)) == base
     assert _key(precision="int8", spec=replace(SPEC, min_sqnr_db=30.0)) != _key()
     assert _key(precision="fp16", spec=replace(SPEC, name="other", checkpoint="/x.pt")) == base
-    ranges = dict(FACTS, activation_range={"fbgemm": "full"})
+    ranges = dict(FACTS, activation_range={"fbgemm": "full"}, int8_qconfig=3)
     assert _key(precision="fp16", facts=ranges) == base
     assert facts_part("fp16", None, FACTS) == {"torch": "2.13.0+cpu", "quantizer": "0.1.0"}
     assert facts_part("int8", "qnnpack", FACTS)["activation_range"] == "full"
