@@ -5,8 +5,8 @@ The pass is what ``quantize-all`` runs when a plain int8 conversion misses its g
 pieces as ``quantizer.tune_int8`` cuts it, handed to a conversion-like Ray task (1 CPU, one
 torch thread) in a local Ray of 2 CPUs. One worker: that task runs the pieces as one pass itself
 (what ``jobs.task.map_chunks`` does when only one CPU is free). Two workers: that task calls
-``jobs.task.map_chunks``, which puts the task in the object store once and runs one
-``sensitivity_task`` per free CPU (its own, lent while it waits, included). Both walls are timed
+``jobs.task.map_chunks``, which runs one chunk itself and one ``sensitivity_task`` per other
+free CPU, sharing the task put in the object store once. Both walls are timed
 from the driver (submit to result), after one untimed warm-up of each mode (workers started,
 torch and quantizer imported), and both passes must give the same SQNR per unit. Beside them,
 the median seconds of one unit in each mode (a unit slower with two workers than with one means

@@ -3,7 +3,7 @@
 ``convert_task`` pins torch's threads to the task's CPUs, counts the attempt in the store, picks
 the device fp16 is measured on, and runs ``jobs.convert.convert_model`` with ``map_chunks``, which
 fans an int8 sensitivity pass out as ``sensitivity_task`` chunks over the CPUs free at that moment
-(the task's own CPUs included: Ray lends them while it waits in ``ray.get``); ``facts_task``
+(the task runs one chunk itself); ``facts_task``
 reports what a worker converts with (a joined cluster is asked before planning);
 ``read_table_task`` reads a remote calibration table once for every job that shares it. Torch is
 imported inside the tasks only, so the driver imports this module without importing torch. A
@@ -46,21 +46,27 @@ def convert_task(job: ConversionJob, table=None) -> dict:
 def map_chunks(tasks: list) -> list:
     """``quantizer.tune_int8``'s ``map_chunks`` on Ray: the units of ``tasks`` (one sensitivity
     pass cut fine, ``jobs.tune.MAX_CHUNKS``) regrouped into one chunk per CPU that is free now
-    plus this task's own, each a ``sensitivity_task``; the task itself (the fp32 model, the
-    calibrated statistics, the held-out rows) is put in the object store once. With a single CPU
-    in all, the pass runs here, in this process: no task waits on a CPU that only it holds."""
+    plus one for this task, which runs its chunk here, in this process, while each other chunk is
+    a ``sensitivity_task``; the task itself (the fp32 model, the calibrated statistics, the
+    held-out rows) is put in the object store once. Running a chunk here rather than lending this
+    task's CPU to another worker keeps the workers at one per CPU: a worker beyond that is idle
+    between passes and Ray stops it, so each pass would start one again (~2 s, its torch import).
+    With no CPU free, the whole pass runs here."""
     from quantizer import sensitivity
 
     units = tuple(unit for task in tasks for unit in task.units)
     whole = dataclasses.replace(tasks[0], units=units)
-    chunks = min(len(units), _assigned_cpus() + _free_cpus())
+    # Ray's view of free CPUs lags about a second (this task's own CPU may still show as free):
+    # never more chunks than the cluster has CPUs.
+    chunks = min(len(units), 1 + _free_cpus(), _cluster_cpus())
     if chunks <= 1:
         return [sensitivity.run_sensitivity(whole)]
+    own, *others = sensitivity.split_tasks(whole, chunks)
     shared = ray.put(dataclasses.replace(whole, units=()))
-    refs = [sensitivity_task.remote(shared, part.units)
-            for part in sensitivity.split_tasks(whole, chunks)]
+    refs = [sensitivity_task.remote(shared, part.units) for part in others]
+    mine = sensitivity.run_sensitivity(own)
     try:
-        return ray.get(refs)
+        return [mine, *ray.get(refs)]
     except ray.exceptions.RayTaskError as e:     # the chunk's own error, not Ray's wrapper
         raise (e.cause if isinstance(getattr(e, "cause", None), Exception) else e) from None
 
@@ -79,6 +85,10 @@ def sensitivity_task(task, units: tuple) -> list:
 
 def _free_cpus() -> int:
     return max(0, int(ray.available_resources().get("CPU", 0)))
+
+
+def _cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 @ray.remote(max_retries=2)
