@@ -231,7 +231,8 @@ def _data(job: ConversionJob, table):
     return calib, held_out, note
 
 
-def _convert(job: ConversionJob, precision: str, model, data, map_chunks) -> tune.Tuned:
+def _convert(job: ConversionJob, precision: str, model, data, map_chunks,
+             ref: measure.Reference | None = None) -> tune.Tuned:
     """fp16, or int8 through ``jobs.tune``; the row fields say the recipe (and how it was
     found)."""
     if precision == "fp16":
@@ -240,7 +241,8 @@ def _convert(job: ConversionJob, precision: str, model, data, map_chunks) -> tun
     if calib is None:
         raise quantizer.CalibrationError(
             f"model {job.name}: int8 needs calibration data; set calibration.data in the zoo")
-    return tune.tune(job.name, job.spec, model, calib, held_out[0], held_out[1], map_chunks)
+    return tune.tune(job.name, job.spec, model, calib, held_out[0], held_out[1], map_chunks,
+                     reference=None if ref is None else ref.outputs)
 
 
 def _measure(job, precision, ref, model, converted, device) -> dict:
@@ -254,7 +256,7 @@ def _measure(job, precision, ref, model, converted, device) -> dict:
 def _one(job, pj, key, model, data, ref, out: dict, where: _Where) -> dict:
     """Convert, measure, gate and publish one precision; ``out`` starts with the model's sizes.
     Returns the row's fields, with ``notes`` as a list."""
-    made = _convert(job, pj.precision, model, data, where.map_chunks)
+    made = _convert(job, pj.precision, model, data, where.map_chunks, ref)
     converted = made.model
     if pj.precision == "fp16" and where.device == "cpu":
         converted = converted.to(memory_format=torch.channels_last)   # see jobs.measure

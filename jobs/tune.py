@@ -56,8 +56,10 @@ def class_ids(targets) -> torch.Tensor | None:
     return None
 
 
-def tune(name: str, spec, model, calib, held_out, targets, map_chunks=None) -> Tuned:
-    """The int8 model for ``spec`` (see the module docstring).
+def tune(name: str, spec, model, calib, held_out, targets, map_chunks=None,
+         reference=None) -> Tuned:
+    """The int8 model for ``spec`` (see the module docstring); ``reference``: the fp32 outputs
+    on ``held_out`` the task already has (saves tune_int8 a forward).
 
     Raises:
         GateNotMetError: a gate is set and no candidate met it (names the best found).
@@ -72,7 +74,8 @@ def tune(name: str, spec, model, calib, held_out, targets, map_chunks=None) -> T
                 model, calib, held_out, gate=gate_of(spec), config=config_of(spec, map_chunks),
                 targets=class_ids(targets), calibration_batches=spec.calibration.batches,
                 backend=spec.backend, observer=spec.observer,
-                forward_kwargs=dict(spec.forward_kwargs), map_chunks=map_chunks)
+                forward_kwargs=dict(spec.forward_kwargs), map_chunks=map_chunks,
+                reference=reference)
     except quantizer.GateNotMetError as e:
         raise _named(name, spec, e) from None
     fields = result.manifest_fields()

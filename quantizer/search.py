@@ -78,12 +78,14 @@ class Search:
     """Trials of one recipe: convert with some layers float, measure, remember the best."""
 
     def __init__(self, recipe: str, convert: Callable, fp32: nn.Module, inputs: tuple,
-                 gate, config, targets, deadline: float, kwargs: dict):
+                 gate, config, targets, deadline: float, kwargs: dict, reference: Any = None):
         self.recipe, self.convert, self.fp32, self.inputs = recipe, convert, fp32, inputs
         self.gate, self.config, self.targets, self.deadline = gate, config, targets, deadline
         self.kwargs = kwargs
-        with torch.no_grad():
-            self.reference = fp32(*inputs, **kwargs)
+        if reference is None:
+            with torch.no_grad():
+                reference = fp32(*inputs, **kwargs)
+        self.reference = reference
         self.trials: list[Trial] = []
         self.best: tuple[Trial, nn.Module] | None = None
 

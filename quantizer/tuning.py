@@ -258,6 +258,7 @@ def tune_int8(
     observer: str = "default",
     forward_kwargs: dict | None = None,
     map_chunks: MapChunks | None = None,
+    reference: Any = None,
 ) -> TuningResult:
     """The int8 model with the fewest layers in float that meets ``gate`` on ``held_out``.
 
@@ -271,6 +272,8 @@ def tune_int8(
         calibration_batches, backend, observer, forward_kwargs: as ``to_int8``.
         map_chunks: runs a list of ``SensitivityTask`` and returns their results in any order
             (default: one after the other, in this process; the orchestrator fans them out).
+        reference: the fp32 model's outputs on ``held_out`` when the caller has them already
+            (any structure ``flatten_outputs`` takes); None: computed here (one more forward).
 
     Returns:
         A ``TuningResult``: the int8 model (with ``int8_settings``), the chosen trial, all
@@ -288,7 +291,7 @@ def tune_int8(
 
     def make_search(recipe, convert):
         return Search(recipe, convert, fp32, inputs, gate, config, targets,
-                       start + config.budget_s, kwargs)
+                       start + config.budget_s, kwargs, reference)
 
     def run(recipe):
         if recipe == "static":

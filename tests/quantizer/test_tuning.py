@@ -295,3 +295,17 @@ def test_merge_rejects_a_unit_of_another_model():
     item = sensitivity.LayerSensitivity("conv9", 30.0, 10, 0.1)
     with pytest.raises(ConfigError, match="unknown unit 'conv9'"):
         sensitivity.merge_sensitivity([[item]], ["conv1"])
+
+
+def test_a_reference_the_caller_has_is_used_not_recomputed(residual, digits):
+    x = digits["x_test"][:64]
+    calib = batches(digits["x_train"], digits["y_train"], 32, 4)
+    with torch.no_grad():
+        outputs = residual(x)
+    plain = tuning.tune_int8(residual, calib, x, calibration_batches=4)
+    given = tuning.tune_int8(residual, calib, x, calibration_batches=4, reference=[outputs])
+    assert plain.chosen.sqnr_db > 20
+    assert given.chosen.sqnr_db == pytest.approx(plain.chosen.sqnr_db, abs=1e-6)
+    # a reference that is not the model's outputs shows in the measured SQNR: it is what is used
+    off = tuning.tune_int8(residual, calib, x, calibration_batches=4, reference=outputs * 2)
+    assert off.chosen.sqnr_db < 7
