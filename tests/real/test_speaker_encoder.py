@@ -68,5 +68,5 @@ def test_static_int8_leaves_the_lstm_in_float_and_says_so(encoder, tmp_path):
         assert same_outputs(loaded(mels), converted(mels))
     report(f"speaker encoder int8 (static): quantized fraction {fraction:.3f} (LSTM stays float): "
            f"below min_quantized_fraction {MIN_QUANTIZED_FRACTION}, a NotQuantizedError row; "
-           f"dynamic int8 is issue 13")
+           f"recipe dynamic or auto converts it (test_cli_real)")
     assert fraction < 0.05 < MIN_QUANTIZED_FRACTION   # only the 256x256 head: 65,792 of 1.4M
