@@ -9,11 +9,10 @@ raising. pyarrow's S3 client cannot send these headers, hence boto3 (``pip insta
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, unquote, urlsplit
-
 from jobs.lock_backends import parse_holder
 from jobs.lock_identity import process_alive
-from jobs.store import LOCK_NAME, Store, StoreError, TransientStoreError, redact_text
+from jobs.store import (LOCK_NAME, Store, StoreError, TransientStoreError, boto3_client,
+                        redact_text)
 
 
 class S3Backend:
@@ -24,7 +23,7 @@ class S3Backend:
     def __init__(self, store: Store):
         self.store = store
         self.bucket, _, self.key = store.path(LOCK_NAME).partition("/")
-        self.client = _s3_client(store)
+        self.client = boto3_client(store, read_timeout_s=20)
         self.etag: str | None = None
 
     def create(self, blob: bytes) -> bool:
@@ -116,22 +115,3 @@ class NotFound(Exception):
     """S3 has no ``.lock`` object (never created, released, or deleted by someone)."""
 
 
-def _s3_client(store: Store):
-    """A boto3 S3 client with the same endpoint, region and credentials as the store's URI."""
-    import boto3
-    from botocore.config import Config
-
-    parts = urlsplit(store.uri)
-    query = dict(parse_qsl(parts.query))
-    endpoint = query.get("endpoint_override")
-    if endpoint and "://" not in endpoint:
-        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
-    creds = {}
-    if parts.username:
-        creds = {"aws_access_key_id": unquote(parts.username),
-                 "aws_secret_access_key": unquote(parts.password or "")}
-    region = query.get("region") or getattr(store.fs, "region", None) or None
-    # endpoint None: boto3 reads AWS_ENDPOINT_URL(_S3) itself, as pyarrow does
-    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5,
-                    read_timeout=20)
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config, **creds)

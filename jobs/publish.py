@@ -18,11 +18,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from jobs import layout
 from jobs.layout import TEMP_PREFIX
-from jobs.store import Store, StoreError, is_transient, redact_text, with_backoff
+from jobs.store import Store, StoreError, boto3_client, is_transient, redact_text, with_backoff
 
 
 def publish_dir(store: Store, local_dir: str, rel: str, *, replace: bool = False) -> list[str]:
@@ -158,23 +157,9 @@ def _s3_client(store: Store):
 
 def _make_s3_client(store: Store):
     try:
-        import boto3
-        from botocore.config import Config
+        return boto3_client(store, read_timeout_s=60)       # uploads: a longer read timeout
     except ImportError:
         return None
-    parts = urlsplit(store.uri)
-    query = dict(parse_qsl(parts.query))
-    endpoint = query.get("endpoint_override")
-    if endpoint and "://" not in endpoint:
-        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
-    creds = {}
-    if parts.username:
-        creds = {"aws_access_key_id": unquote(parts.username),
-                 "aws_secret_access_key": unquote(parts.password or "")}
-    region = query.get("region") or getattr(store.fs, "region", None) or None
-    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5,
-                    read_timeout=60)
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config, **creds)
 
 
 def _s3_put_if_absent(client, bucket: str, key: str, local_file: str) -> bool:

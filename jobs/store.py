@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -346,3 +346,30 @@ def _newest_mtime(path: str) -> float:
             with contextlib.suppress(OSError):
                 newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
     return newest
+
+
+def boto3_client(store: Store, *, read_timeout_s: float):
+    """A boto3 S3 client with the endpoint, region and credentials of ``store``'s ``s3://`` URI
+    (the strict lock's conditional writes and first-writer-wins publishing need what pyarrow
+    does not offer). With no endpoint in the URI, boto3 reads ``AWS_ENDPOINT_URL(_S3)`` itself,
+    as pyarrow does.
+
+    Raises:
+        ImportError: boto3 is not installed (the optional ``s3`` extra).
+    """
+    import boto3
+    from botocore.config import Config
+
+    parts = urlsplit(store.uri)
+    query = dict(parse_qsl(parts.query))
+    endpoint = query.get("endpoint_override")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+    creds = {}
+    if parts.username:
+        creds = {"aws_access_key_id": unquote(parts.username),
+                 "aws_secret_access_key": unquote(parts.password or "")}
+    region = query.get("region") or getattr(store.fs, "region", None) or None
+    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=5,
+                    read_timeout=read_timeout_s)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config, **creds)
