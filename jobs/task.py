@@ -18,6 +18,7 @@ import socket
 import ray
 
 from jobs import layout
+from jobs.fanout import cluster_cpus
 from jobs.plan import ConversionJob
 from jobs.store import Store, StoreError, TransientStoreError
 
@@ -58,7 +59,7 @@ def map_chunks(tasks: list) -> list:
     whole = dataclasses.replace(tasks[0], units=units)
     # Ray's view of free CPUs lags about a second (this task's own CPU may still show as free):
     # never more chunks than the cluster has CPUs.
-    chunks = min(len(units), 1 + _free_cpus(), _cluster_cpus())
+    chunks = min(len(units), 1 + _free_cpus(), cluster_cpus())
     if chunks <= 1:
         return [sensitivity.run_sensitivity(whole)]
     own, *others = sensitivity.split_tasks(whole, chunks)
@@ -85,10 +86,6 @@ def sensitivity_task(task, units: tuple) -> list:
 
 def _free_cpus() -> int:
     return max(0, int(ray.available_resources().get("CPU", 0)))
-
-
-def _cluster_cpus() -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 @ray.remote(max_retries=2)
