@@ -39,7 +39,7 @@ def recipe(job, precision: str, key: str, converted, example) -> dict:
         "observer": settings["observer"] if "observer" in settings else job.observer_for(precision),
         "input_shape": list(example.shape[1:]) if example is not None else None,
         "input_dtype": "float16" if precision == "fp16" else "float32",
-        "key": key, "torch_version": torch.__version__,
+        "key": key, "torch_version": str(torch.__version__),
         "quantizer_version": quantizer.__version__,
     }
     if job.spec.forward_kwargs:

@@ -43,8 +43,10 @@ class SourceChangedError(Exception):
 
 @lru_cache(maxsize=1)
 def worker_facts() -> dict:
-    """What this process converts with: the worker part of every key (``jobs.keys``)."""
-    return {"torch": torch.__version__, "quantizer": quantizer.__version__,
+    """What this process converts with: the worker part of every key (``jobs.keys``). Plain
+    strings: ``torch.__version__`` is a ``TorchVersion``, and unpickling one in the driver would
+    import torch there (~1 s with every CPU idle, at the first result)."""
+    return {"torch": str(torch.__version__), "quantizer": quantizer.__version__,
             "int8_qconfig": quantizer.int8.QCONFIG_VERSION,
             "activation_range": {b: quantizer.int8.activation_range(b)
                                  for b in quantizer.BACKENDS}}
@@ -245,9 +247,9 @@ def _convert(job: ConversionJob, precision: str, model, data, map_chunks,
                      reference=None if ref is None else ref.outputs)
 
 
-def _measure(job, precision, ref, model, converted, device) -> dict:
-    if precision == "int8":
-        return measure.measure_int8(job.name, ref, converted)
+def _measure(job, precision, ref, model, made: tune.Tuned, converted, device) -> dict:
+    if precision == "int8":     # the tuner ran the chosen model on these rows already
+        return measure.measure_int8(job.name, ref, converted, outputs=made.outputs)
     return measure.measure_fp16(job.name, ref, model, converted, device)
 
 
@@ -267,7 +269,7 @@ def _one(job, pj, key, model, data, ref, out: dict, where: _Where) -> dict:
     if "observer" in settings:      # a dynamic model has none (null); the row says what ran
         out["observer"] = settings["observer"]
     if ref is not None:
-        out.update(_measure(job, pj.precision, ref, model, converted, where.device))
+        out.update(_measure(job, pj.precision, ref, model, made, converted, where.device))
     out["notes"] = [out.pop("fidelity_note", None), out.pop("latency_note", None)]
     measure.check_gates(job.name, job.spec, pj.precision, out)
     out["notes"] += flags.flag_texts(dict(out, precision=pj.precision))

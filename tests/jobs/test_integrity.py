@@ -122,6 +122,23 @@ def test_deleted_artifact_folder_is_converted_again_not_adopted(ray_local, tmp_p
     assert verify(zoo, out)["problems"] == 0
 
 
+def test_a_completion_record_the_manifest_never_got_is_adopted(ray_local, tmp_path):
+    """A driver killed between a task's completion record and its next manifest write: the
+    rerun adopts the record (files intact) instead of converting again."""
+    zoo = make_zoo(tmp_path / "zoo", {"a": {}})
+    out = tmp_path / "out"
+    assert cli(zoo, "--out", out)[0] == 0
+    files = {p: p.stat().st_mtime_ns for p in (out / "artifacts").rglob("*") if p.is_file()}
+    for name in ("manifest.json", "manifest.parquet"):
+        (out / name).unlink(missing_ok=True)
+    code, summary, _ = cli(zoo, "--out", out)
+    assert code == 0
+    assert {(r["status"], "interrupted" in r["reason"]) for r in summary["rows"]} == {
+        ("skipped", True)}
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+    assert {r["status"] for r in read_manifest(out)["rows"]} == {"ok"}
+
+
 def test_force_replaces_a_damaged_artifact(ray_local, tmp_path):
     zoo = make_zoo(tmp_path / "zoo", {"a": {}})
     out = tmp_path / "out"
@@ -282,3 +299,16 @@ def test_a_no_op_refresh_imports_neither_torch_nor_ray(ray_local, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"] == {"ok": 0, "failed": 0, "skipped": 3}
     assert "HEAVY=[]" in done.stderr
+
+
+def test_a_converting_driver_never_imports_torch(ray_local, tmp_path):
+    """What the tasks return (rows, worker facts) unpickles without torch: a ``TorchVersion``
+    among them made the driver import torch at the first result (~1 s with every CPU idle)."""
+    zoo = make_zoo(tmp_path / "zoo", {"a": {}})
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(zoo), "--out", str(tmp_path / "out"), "--json",
+         "--address", ray_local.get_runtime_context().gcs_address],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
+    assert 'HEAVY=["ray"]' in done.stderr
