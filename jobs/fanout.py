@@ -108,9 +108,25 @@ def cluster_cpus() -> int:
 
 
 def shutdown() -> None:
+    """Stop the local Ray this process started."""
     import ray
 
+    _stop_monitor()
     ray.shutdown()
+
+
+def _stop_monitor() -> None:
+    """Kill the local Ray's autoscaler monitor first: it outlasts the 1 s ``ray.shutdown`` gives
+    each process after SIGTERM before it kills it, and it keeps nothing a single node needs.
+    Only a Ray this process started has it (a joined cluster's node handle lists no process)."""
+    from ray._private import ray_constants, worker
+
+    node = getattr(worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None) or {}
+    for info in processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=5)
 
 
 def cpus_for(free: int, waiting: int, cap: int) -> int:
@@ -147,23 +163,29 @@ class Fanout:
         queue, pending, free = list(self.jobs), {}, self.total_cpus
         try:
             while queue or pending:
+                finished = []
+                if pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_TICK_S)
+                    for ref in ready:
+                        job, cpus = pending.pop(ref)
+                        free += cpus
+                        finished.append((ref, job))
+                # the freed CPUs get their next jobs before anything is read or recorded
+                refused = []
                 while queue and free >= 1:
                     job = queue.pop(0)
                     if memory_request(job) > self.largest_memory:
-                        yield Done(job, error=_oversized(job, self.largest_memory))
+                        refused.append(Done(job, error=_oversized(job, self.largest_memory)))
                         continue
                     cpus = cpus_for(free, len(queue) + 1, self.cap)
                     pending[self._submit(job, cpus, tables)] = (job, cpus)
                     free -= cpus
                 self.running = len(pending)
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_TICK_S)
-                if not ready:
-                    yield None
-                for ref in ready:
-                    job, cpus = pending.pop(ref)
-                    free += cpus
-                    self.running = len(pending)
+                yield from refused
+                for ref, job in finished:
                     yield self._collect(ref, job)
+                if pending and not finished and not refused:
+                    yield None
         finally:
             # Stopped early (Ctrl-C, a lost lock): the tasks still running are not cancelled.
             # ray.cancel races a task whose reply is arriving and aborts this process in Ray
