@@ -62,6 +62,25 @@ def _quiet_ao(*also: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _no_stack_traces() -> Iterator[None]:
+    """prepare_fx's tracer records a Python stack trace for every graph node unless
+    ``torch.fx.config.do_not_emit_stack_traces`` is set (torch >= 2.11); the first one imports
+    torch._dynamo and torch._inductor (~0.9 s in each new process), each one walks the stack.
+    Nothing here reads them: errors are located from the exception's own traceback
+    (``_user_frame``)."""
+    config = getattr(torch.fx, "config", None)
+    before = getattr(config, "do_not_emit_stack_traces", None)
+    if before is None:
+        yield
+        return
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
+
+
 def _validate(calibration_batches: int, backend: str, observer: str) -> None:
     if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) \
             or calibration_batches < 1:
@@ -113,7 +132,7 @@ def _prepare(fp32: nn.Module, example: tuple, settings: Mapping[str, Any],
              forward_kwargs: dict | None = None) -> torch.fx.GraphModule:
     forward_kwargs = tracing.check_forward_kwargs(fp32, forward_kwargs or {})
     try:
-        with _quiet_ao():
+        with _quiet_ao(), _no_stack_traces():
             root = tracing.trace_fixed(fp32, forward_kwargs) if forward_kwargs else fp32
             return prepare_fx(root, qconfig_mapping(fp32, settings), example_inputs=example)
     except Exception as exc:  # torch.fx raises many types while tracing; all mean "cannot trace"

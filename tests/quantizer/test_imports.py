@@ -36,3 +36,23 @@ def test_only_int8_touches_torch_ao_quantization():
 
 def test_public_surface_resolves():
     assert all(hasattr(quantizer, name) for name in quantizer.__all__)
+
+
+def test_an_int8_conversion_leaves_the_compiler_stack_unimported():
+    """prepare_fx's tracer would record a stack trace per graph node, and the first one imports
+    torch._dynamo and torch._inductor (~0.9 s in every fresh worker); ``to_int8`` turns that off
+    and puts the setting back."""
+    code = (
+        "import sys, torch, torch.fx, quantizer\n"
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),\n"
+        "                        torch.nn.Linear(4 * 6 * 6, 2)).eval()\n"
+        "x = torch.randn(8, 3, 8, 8)\n"
+        "q = quantizer.to_int8(m, [(x, None)], calibration_batches=1)\n"
+        "assert q(x).shape == (8, 2)\n"
+        "print(sorted(n for n in ('torch._dynamo', 'torch._inductor') if n in sys.modules),\n"
+        "      torch.fx.config.do_not_emit_stack_traces)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "False"]
