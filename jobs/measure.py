@@ -122,9 +122,13 @@ class _Bound(torch.nn.Module):
         return out
 
 
-def measure_int8(name: str, ref: Reference, converted) -> dict:
-    with torch.inference_mode():
-        got = flatten_outputs(converted(ref.x, **ref.kwargs))
+def measure_int8(name: str, ref: Reference, converted, outputs=None) -> dict:
+    """Fidelity and latency of an int8 model; ``outputs``: its outputs on ``ref.x`` when the
+    caller has them already (``jobs.tune``'s trial), else computed here."""
+    if outputs is None:
+        with torch.inference_mode():
+            outputs = converted(ref.x, **ref.kwargs)
+    got = flatten_outputs(outputs)
     out = fidelity(name, "int8", ref, got, ref.x.shape[0])
     lat = latency_ms(converted, ref.x[:1], kwargs=ref.kwargs)
     out.update(latency_fp32_ms=ref.latency_ms, latency_ms=lat,

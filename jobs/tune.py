@@ -34,6 +34,7 @@ class Tuned:
     model: torch.nn.Module
     fields: dict
     sensitivity: dict        # recipe -> [{name, sqnr_db, params, seconds}]; {} when none ran
+    outputs: object = None   # the model's outputs on the held-out rows (its trial's), if known
 
 
 def gate_of(spec) -> Gate:
@@ -84,7 +85,7 @@ def tune(name: str, spec, model, calib, held_out, targets, map_chunks=None,
     fields["top1_drop"] = _finite(fields["top1_drop"])
     sensitivity = {recipe: [dict(item, sqnr_db=_finite(item["sqnr_db"])) for item in items]
                    for recipe, items in result.sensitivity_json().items()}
-    return Tuned(result.model, fields, sensitivity)
+    return Tuned(result.model, fields, sensitivity, result.outputs)
 
 
 def _named(name: str, spec, error: quantizer.GateNotMetError) -> Exception:

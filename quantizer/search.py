@@ -87,7 +87,8 @@ class Search:
                 reference = fp32(*inputs, **kwargs)
         self.reference = reference
         self.trials: list[Trial] = []
-        self.best: tuple[Trial, nn.Module] | None = None
+        # the best trial, its model and the model's outputs on ``inputs``
+        self.best: tuple[Trial, nn.Module, Any] | None = None
 
     def out_of_time(self) -> bool:
         return time.perf_counter() >= self.deadline
@@ -112,7 +113,7 @@ class Search:
                       fraction, _state_bytes(model), met, time.perf_counter() - start)
         self.trials.append(trial)
         if self.best is None or _better(trial, self.best[0], self.config.min_quantized_fraction):
-            self.best = (trial, model)
+            self.best = (trial, model, outputs)
         return trial
 
 

@@ -111,6 +111,7 @@ class TuningResult:
     tuning_s: float
     reason: str
     sensitivity: dict[str, list[LayerSensitivity]]
+    outputs: Any = None      # ``model``'s outputs on the held-out rows, as its trial measured them
 
     @property
     def settings(self) -> dict:
@@ -263,7 +264,7 @@ def tune_int8(
     """The int8 model with the fewest layers in float that meets ``gate`` on ``held_out``.
 
     Args:
-        model: the fp32 model (deep-copied; never modified).
+        model: the fp32 model; never modified (in training mode: copied, then set to eval).
         calibration_loader: ``(inputs, targets)`` batches, as ``to_int8`` takes (static only).
         held_out: held-out inputs (a tensor or tuple of positional tensors), not calibrated on.
         gate: the fidelity gate; inactive: one plain conversion (``auto``: of each recipe).
@@ -284,7 +285,9 @@ def tune_int8(
         ConfigError, CalibrationError, TraceError, InputShapeError: as ``to_int8``.
     """
     start = time.perf_counter()
-    fp32 = copy.deepcopy(model).eval()
+    # every conversion copies the model itself: a copy here is only needed to put one in eval
+    # mode without touching the caller's
+    fp32 = copy.deepcopy(model).eval() if any(m.training for m in model.modules()) else model
     inputs = tuple(held_out) if isinstance(held_out, (tuple, list)) else (held_out,)
 
     kwargs = dict(forward_kwargs or {})
@@ -307,7 +310,7 @@ def tune_int8(
         raise _not_met(searches, gate, config, skipped)
     trials = [t for s in searches for t in s.trials]
     return TuningResult(winner.best[1], winner.best[0], trials, time.perf_counter() - start,
-                        _reason(winner, config, gate, rule, notes), measured)
+                        _reason(winner, config, gate, rule, notes), measured, winner.best[2])
 
 
 def _run_recipes(run: Callable, fp32: nn.Module, config: TuningConfig):

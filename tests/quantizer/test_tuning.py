@@ -309,3 +309,18 @@ def test_a_reference_the_caller_has_is_used_not_recomputed(residual, digits):
     # a reference that is not the model's outputs shows in the measured SQNR: it is what is used
     off = tuning.tune_int8(residual, calib, x, calibration_batches=4, reference=outputs * 2)
     assert off.chosen.sqnr_db < 7
+
+
+
+def test_the_result_carries_the_chosen_models_outputs_on_the_held_out_rows(prelu_cnn, digits):
+    """The orchestrator measures the int8 row from these instead of running the model again."""
+    before = {k: v.clone() for k, v in prelu_cnn.state_dict().items()}
+    result = _tune(prelu_cnn, digits, tuning.Gate(min_sqnr_db=20.0))
+    assert result.chosen.float_layers, "the gate needs float layers: not the plain trial's model"
+    after = prelu_cnn.state_dict()     # the caller's model (used as is: it is in eval mode)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    x = digits["x_test"][:128]
+    with torch.no_grad():
+        assert torch.equal(result.outputs, result.model(x))
+        assert sqnr_db(prelu_cnn(x), result.outputs) == pytest.approx(result.chosen.sqnr_db,
+                                                                       abs=1e-6)
