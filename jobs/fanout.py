@@ -166,6 +166,8 @@ class Fanout:
                 finished = []
                 if pending:
                     ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_TICK_S)
+                    if ready:   # and every other one done by now: the CPUs are shared out once
+                        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
                     for ref in ready:
                         job, cpus = pending.pop(ref)
                         free += cpus
