@@ -13,6 +13,14 @@ AO_IMPORT = re.compile(r"^\s*(from|import)\s+torch\.ao\b", re.MULTILINE)
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
+def fresh_python(code: str) -> str:
+    """Run ``code`` in a new interpreter (nothing imported yet) from the repo root; its stdout."""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_import_quantizer_pulls_in_no_ray_click_or_jobs():
     code = (
         "import sys, quantizer\n"
@@ -20,10 +28,7 @@ def test_import_quantizer_pulls_in_no_ray_click_or_jobs():
         "assert not bad, bad\n"
         "print(quantizer.__version__)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == quantizer.__version__
+    assert fresh_python(code).strip() == quantizer.__version__
 
 
 def test_only_int8_touches_torch_ao_quantization():
@@ -52,7 +57,4 @@ def test_an_int8_conversion_leaves_the_compiler_stack_unimported():
         "print(sorted(n for n in ('torch._dynamo', 'torch._inductor') if n in sys.modules),\n"
         "      torch.fx.config.do_not_emit_stack_traces)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["[]", "False"]
+    assert fresh_python(code).split() == ["[]", "False"]
