@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -126,7 +127,10 @@ def _stop_monitor() -> None:
     for info in processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
         if info.process.poll() is None:
             info.process.kill()
-            info.process.wait(timeout=5)
+            try:
+                info.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:   # stuck in the kernel: ray.shutdown reports it
+                pass
 
 
 def cpus_for(free: int, waiting: int, cap: int) -> int:

@@ -312,3 +312,40 @@ def test_a_converting_driver_never_imports_torch(ray_local, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["counts"] == {"ok": 2, "failed": 0, "skipped": 0}
     assert 'HEAVY=["ray"]' in done.stderr
+
+
+OWN_RAY_PROBE = (
+    "import json, os, sys\n"
+    "import jobs.fanout as fanout\n"
+    "real = fanout.shutdown\n"
+    "def shutdown():\n"
+    "    from ray._private import worker\n"
+    "    pids = [i.process.pid for infos in worker._global_node.all_processes.values()\n"
+    "            for i in infos]\n"
+    "    real()\n"
+    "    def alive(pid):\n"
+    "        try:\n"
+    "            os.kill(pid, 0)\n"
+    "        except ProcessLookupError:\n"
+    "            return False\n"
+    "        return True\n"
+    "    print('RAY=' + json.dumps({'started': len(pids), 'left': [p for p in pids if alive(p)]}),\n"
+    "          file=sys.stderr)\n"
+    "fanout.shutdown = shutdown\n"
+    "from jobs.cli import main\nmain()\n")
+
+
+def test_a_run_that_starts_its_own_ray_stops_every_process_of_it(tmp_path):
+    """No --address, no RAY_ADDRESS: the run starts a local Ray and, at the end, stops it whole
+    (its autoscaler monitor is killed first rather than waited on)."""
+    zoo = make_zoo(tmp_path / "zoo", {"a": {"precisions": "[fp16]"}})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", OWN_RAY_PROBE, str(zoo), "--out", str(tmp_path / "out"), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["ray_mode"] == "local" and summary["counts"]["ok"] == 1
+    line = next(x for x in done.stderr.splitlines() if x.startswith("RAY="))
+    ray_processes = json.loads(line[len("RAY="):])
+    assert ray_processes["started"] >= 4 and ray_processes["left"] == []
