@@ -25,9 +25,13 @@ ARTIFACT_FILE = layout.ARTIFACT_FILE     # re-exported: jobs.verify reads it fro
 
 FIDELITY_ROWS = 64       # held-out rows after the calibration rows, for SQNR / top-1 agreement
 
-# A model never converted before: seconds per MB of checkpoint, by precision (the benchmark zoo
-# on one core of the machine in docs/performance.md); only the order of jobs depends on it.
-ESTIMATE_S_PER_MB = {"fp16": 0.02, "int8": 0.06}
+# A model never converted before: seconds = base + per MB of checkpoint + per tensor in it, by
+# precision (fitted on the benchmark zoo's rows, one core of the machine in docs/performance.md:
+# correlation with the measured seconds 0.36 for fp16 and 0.62 for int8, against 0.15 for the
+# size alone: a conversion costs per layer as much as per weight). Only the order of jobs
+# depends on it. A checkpoint whose tensors cannot be counted is taken to hold 3 per MB.
+ESTIMATE_S = {"fp16": (0.5, 0.006, 0.0015), "int8": (1.0, 0.005, 0.005)}
+TENSORS_PER_MB_UNKNOWN = 3.0
 
 
 @dataclass(frozen=True)
@@ -179,12 +183,15 @@ def _why_key_changed(spec, precision, source, facts, row) -> str:
 def estimate_s(spec: ModelSpec, precisions: list[str], source: Source,
                manifest: Manifest) -> float:
     """Seconds one job is expected to take: the last run's ``duration_s`` of these rows when
-    the manifest has all of them, else an estimate from the checkpoint's size."""
+    the manifest has all of them, else an estimate from the checkpoint's size and number of
+    tensors (``ESTIMATE_S``)."""
     last = [(manifest.get(spec.name, p) or {}).get("duration_s") for p in precisions]
     if all(isinstance(d, (int, float)) and d > 0 for d in last):
         return float(sum(last))
     mb = source.bytes / 2**20
-    return sum(ESTIMATE_S_PER_MB[p] * mb for p in precisions) + 0.5
+    tensors = source.tensors if source.tensors is not None else TENSORS_PER_MB_UNKNOWN * mb
+    return sum(base + per_mb * mb + per_tensor * tensors
+               for base, per_mb, per_tensor in (ESTIMATE_S[p] for p in precisions))
 
 
 def conversion_jobs(units: list[Unit], manifest: Manifest, store_uri: str, run_id: str,

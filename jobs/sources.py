@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
+import json
 import os
+import struct
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,6 +41,9 @@ class Source:
     uri: str
     sha256: str
     bytes: int
+    # entries of a torch.save zip / tensors of a safetensors file (None: another format): how
+    # many layers the model roughly has, for ordering jobs never timed (``jobs.plan.estimate_s``)
+    tensors: int | None = None
 
 
 class SourceHasher:
@@ -75,11 +80,11 @@ class SourceHasher:
         name = redact_uri(uri)      # the cache is written to DEST: no credentials in it
         cached = self.cache.get(name)
         if cached and cached.get("ident") == ident:
-            return Source(uri, cached["sha256"], cached["bytes"])
-        sha, size = _io(uri, _hash_file, fs, path)
-        self.cache[name] = {"ident": ident, "sha256": sha, "bytes": size}
+            return Source(uri, cached["sha256"], cached["bytes"], cached.get("tensors"))
+        sha, size, tensors = _io(uri, _hash_file, fs, path)
+        self.cache[name] = {"ident": ident, "sha256": sha, "bytes": size, "tensors": tensors}
         self.dirty = True
-        return Source(uri, sha, size)
+        return Source(uri, sha, size, tensors)
 
     def digest_dataset(self, uri: str) -> str:
         """One sha256 over every shard of a calibration file or folder (once per run).
@@ -131,13 +136,44 @@ def _io(uri: str, fn, *args):
         raise OSError(str(e)) from None
 
 
-def _hash_file(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
-    h, size = hashlib.sha256(), 0
+def _hash_file(fs: pafs.FileSystem, path: str) -> tuple[str, int, int | None]:
+    """sha256, size and ``tensor_count`` of one file, read once."""
+    h, size, head, tail = hashlib.sha256(), 0, b"", b""
     with fs.open_input_stream(path) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
             size += len(chunk)
-    return h.hexdigest(), size
+            head = head or chunk
+            tail = chunk[-_TAIL_BYTES:] if len(chunk) >= _TAIL_BYTES else \
+                (tail + chunk)[-_TAIL_BYTES:]
+    return h.hexdigest(), size, tensor_count(head, tail)
+
+
+_TAIL_BYTES = 65_536 + 22 + 56 + 20    # a zip's end records, behind a comment of up to 64 KiB
+_EOCD, _EOCD64 = b"PK\x05\x06", b"PK\x06\x06"
+
+
+def tensor_count(head: bytes, tail: bytes) -> int | None:
+    """How many entries a ``torch.save`` zip holds (one per storage, plus ~6 records) or how
+    many tensors a safetensors file declares, from the file's first and last bytes; None for any
+    other format (a legacy pickle, a truncated file)."""
+    at = tail.rfind(_EOCD)
+    if at >= 0 and len(tail) >= at + 22:
+        entries = struct.unpack_from("<H", tail, at + 10)[0]
+        if entries != 0xFFFF:
+            return entries
+        at64 = tail.rfind(_EOCD64, 0, at)              # zip64: the count is in its own record
+        return struct.unpack_from("<Q", tail, at64 + 32)[0] if at64 >= 0 else None
+    if len(head) >= 8:
+        length = struct.unpack_from("<Q", head)[0]
+        if 2 <= length <= len(head) - 8 and head[8:9] == b"{":
+            try:
+                header = json.loads(head[8:8 + length])
+            except ValueError:
+                return None
+            if isinstance(header, dict):
+                return sum(1 for key in header if key != "__metadata__")
+    return None
 
 
 # -- the factory's code ---------------------------------------------------------------------

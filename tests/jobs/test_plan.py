@@ -194,6 +194,44 @@ def test_jobs_group_a_models_rows_and_run_longest_first():
     assert jobs[2].backend_for("fp16") is None and jobs[2].backend_for("int8") == "fbgemm"
 
 
+
+def test_jobs_never_timed_are_ordered_by_size_and_layers(tmp_path):
+    """A checkpoint's tensors count as well as its megabytes: a deep model of small layers is
+    expected to take longer than a shallow one of the same size (the fan-out runs it first)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from jobs.sources import tensor_count
+
+    deep = {f"layer{i}.weight": torch.zeros(64, 64) for i in range(64)}         # 64 x 16 KB
+    shallow = {"layer0.weight": torch.zeros(64 * 64 * 64)}                     # one of 1 MB
+    for name, state in (("deep", deep), ("shallow", shallow)):
+        torch.save(state, tmp_path / f"{name}.pt")
+    save_file(deep, str(tmp_path / "deep.safetensors"), metadata={"format": "pt"})
+    torch.save(shallow, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    store = Store(str(tmp_path / "out"))
+    sources = {name: SourceHasher(store).digest(str(tmp_path / name)) for name in
+               ("deep.pt", "shallow.pt", "deep.safetensors", "legacy.pt")}
+    assert sources["deep.safetensors"].tensors == 64
+    assert sources["deep.pt"].tensors - sources["shallow.pt"].tensors == 63  # + the zip's records
+    assert sources["legacy.pt"].tensors is None
+    assert tensor_count(b"", b"") is None and tensor_count(b"\x00" * 8, b"") is None
+    assert abs(sources["deep.pt"].bytes - sources["shallow.pt"].bytes) < 0.1 * 2**20
+
+    def unit(name):
+        from jobs.plan import Unit
+        return Unit(replace(SPEC, name=name.replace(".", "-")), "int8", "convert", "new",
+                    "i" * 64, "k" * 24, sources[name])
+    order = [j.name for j in conversion_jobs([unit("shallow.pt"), unit("deep.pt")], Manifest(),
+                                             "/out", "r")]
+    assert order == ["deep-pt", "shallow-pt"]
+    # the hasher's cache keeps the count: a second hasher reads it without rereading the file
+    hasher = SourceHasher(store)
+    hasher.digest(str(tmp_path / "deep.pt"))
+    hasher.save()
+    assert SourceHasher(store).digest(str(tmp_path / "deep.pt")).tensors == \
+        sources["deep.pt"].tensors
+
 def jobs_label(units) -> str:
     return conversion_jobs(units, Manifest(), "/out", "r")[0].label
 
