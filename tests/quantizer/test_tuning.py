@@ -140,18 +140,24 @@ def test_simulator_agrees_with_real_conversions(prelu_cnn, calibrated, digits):
 # ------------------------------------------------------------------------- exact rebuilds
 
 
+def _assert_reloads_bit_exact(converted, arch: str, x: torch.Tensor, tmp_path) -> None:
+    """Saved as an artifact of ``benchmarks.tuning_models:build(arch)`` and loaded back, the model
+    gives exactly ``converted``'s outputs on ``x``."""
+    recipe = {"precision": "int8", "factory": "benchmarks.tuning_models:build",
+              "kwargs": {"arch": arch}, "input_shape": [1, 8, 8],
+              "int8": converted.int8_settings}
+    save_artifact(converted, tmp_path, recipe, x[:2])
+    loaded = load_artifact(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted(x))
+
+
 def test_static_rebuild_with_float_layers_is_bit_exact(prelu_cnn, calibrated, digits, tmp_path,
                                                        monkeypatch):
     import benchmarks.tuning_models as zoo
     monkeypatch.setitem(zoo.TUNING_ARCHS, "test-prelu", lambda: PReLUCNN(width=32))
     converted = int8.convert_int8(calibrated, PRELUS[1:])   # features.1 stays an int8 PReLU
-    recipe = {"precision": "int8", "factory": "benchmarks.tuning_models:build",
-              "kwargs": {"arch": "test-prelu"}, "input_shape": [1, 8, 8],
-              "int8": converted.int8_settings}
-    save_artifact(converted, tmp_path, recipe, digits["x_test"][:2])
-    loaded = load_artifact(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(digits["x_test"]), converted(digits["x_test"]))
+    _assert_reloads_bit_exact(converted, "test-prelu", digits["x_test"], tmp_path)
 
 
 @pytest.mark.parametrize("floats", [[], ["rnn.weight_ih_l0"], ["rnn.weight_hh_l1", "head"]])
@@ -159,13 +165,7 @@ def test_dynamic_rebuild_is_bit_exact(row_lstm, digits, tmp_path, monkeypatch, f
     import benchmarks.tuning_models as zoo
     monkeypatch.setitem(zoo.TUNING_ARCHS, "test-lstm", lambda: RowRNN("lstm", hidden=64))
     converted = int8.to_int8_dynamic(row_lstm, float_layers=floats)
-    recipe = {"precision": "int8", "factory": "benchmarks.tuning_models:build",
-              "kwargs": {"arch": "test-lstm"}, "input_shape": [1, 8, 8],
-              "int8": converted.int8_settings}
-    save_artifact(converted, tmp_path, recipe, digits["x_test"][:2])
-    loaded = load_artifact(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(digits["x_test"]), converted(digits["x_test"]))
+    _assert_reloads_bit_exact(converted, "test-lstm", digits["x_test"], tmp_path)
     assert converted.int8_settings["recipe"] == "dynamic"
 
 
