@@ -247,9 +247,9 @@ def _convert(job: ConversionJob, precision: str, model, data, map_chunks,
                      reference=None if ref is None else ref.outputs)
 
 
-def _measure(job, precision, ref, model, made: tune.Tuned, converted, device) -> dict:
-    if precision == "int8":     # the tuner ran the chosen model on these rows already
-        return measure.measure_int8(job.name, ref, converted, outputs=made.outputs)
+def _measure(job, precision, ref, model, converted, device, outputs=None) -> dict:
+    if precision == "int8":     # ``outputs``: the tuner ran the chosen model on these rows
+        return measure.measure_int8(job.name, ref, converted, outputs=outputs)
     return measure.measure_fp16(job.name, ref, model, converted, device)
 
 
@@ -269,7 +269,8 @@ def _one(job, pj, key, model, data, ref, out: dict, where: _Where) -> dict:
     if "observer" in settings:      # a dynamic model has none (null); the row says what ran
         out["observer"] = settings["observer"]
     if ref is not None:
-        out.update(_measure(job, pj.precision, ref, model, made, converted, where.device))
+        out.update(_measure(job, pj.precision, ref, model, converted, where.device,
+                            outputs=made.outputs))
     out["notes"] = [out.pop("fidelity_note", None), out.pop("latency_note", None)]
     measure.check_gates(job.name, job.spec, pj.precision, out)
     out["notes"] += flags.flag_texts(dict(out, precision=pj.precision))
