@@ -67,7 +67,9 @@ def test_deleted_s3_lock_is_reported_not_raised(moto, monkeypatch):
         deadline = time.monotonic() + 10
         while lock.held and time.monotonic() < deadline:       # the next beat notices
             time.sleep(0.02)
-        assert not lock.held and lock._thread is not None and not lock._thread.is_alive()
+        assert not lock.held and lock._thread is not None
+        lock._thread.join(timeout=5)        # the beat that lost it returns, and the loop ends
+        assert not lock._thread.is_alive()
         with pytest.raises(LockLostError, match=r"\.lock was deleted by someone else"):
             lock.ensure_held()
         lock.heartbeat()                                        # no traceback, no new lock
