@@ -6,23 +6,22 @@ first task's start to the last one's end on ``c`` CPUs. With one job per model s
 first, ``span(c) = LPT(job seconds at 1 thread x contention(c), c)``:
 the longest-processing-time-first makespan of the jobs, each slowed by ``contention(c)`` (tasks
 running side by side share memory bandwidth and caches; measured as task seconds at 2 CPUs over
-task seconds at 1 CPU). With fewer models than CPUs the driver makes one job per (model,
-precision) (``jobs.plan.split_by_precision``), each doing the model's load and reference itself.
-Pure arithmetic on measured figures; imports nothing of the product.
+task seconds at 1 CPU). Where the driver would make one job per (model, precision) instead
+(``jobs.plan.split_by_precision``, decided here from the measured rows as the driver decides from
+the last run's), each does the model's load and reference itself. Pure arithmetic on measured
+figures; of the product it imports only ``jobs.plan``'s scheduling arithmetic (no torch, no Ray).
 """
 
 from __future__ import annotations
 
-import heapq
+from jobs.plan import lpt_makespan, split_by_precision
 
 
-def lpt_makespan(durations: list[float], cpus: int) -> float:
-    """Makespan of ``durations`` on ``cpus`` identical CPUs, longest first, each to the CPU that
-    frees first (what the fan-out's window does)."""
-    free = [0.0] * max(1, cpus)
-    for d in sorted(durations, reverse=True):
-        heapq.heapreplace(free, free[0] + d)
-    return max(free)
+def split_here(rows: list[dict], cpus: int) -> bool:
+    """Whether the driver would split these rows' models by precision on ``cpus`` CPUs, were
+    these rows the last run's."""
+    return split_by_precision(job_seconds(rows), [r["duration_s"] for r in rows
+                                                  if r.get("duration_s")], cpus)
 
 
 def job_seconds(rows: list[dict], *, per_precision: bool = False) -> list[float]:

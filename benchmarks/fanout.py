@@ -160,9 +160,8 @@ def scaling(zoo: str, work: str, figures: dict) -> dict:
     fixed = figures["outside_span_s"]
     out.update(contention=contention, fixed_fitted_s=fixed,
                longest_job_1cpu_s=max(costmodel.job_seconds(one["rows"])))
-    models = len({r["name"] for r in one["rows"]})
     for c in (cores, 4, 8, 16):
-        split = models < c                      # jobs.plan.split_by_precision
+        split = costmodel.split_here(one["rows"], c)
         jobs = costmodel.job_seconds(one["rows"], per_precision=split)
         p = costmodel.predict(jobs, fixed, contention if c > 1 else 1.0, c)
         out[f"model_wall_{c}_cores_s"] = p["wall_s"]

@@ -26,7 +26,7 @@ from jobs.fanout import RayUnavailableError  # noqa: F401  (re-exported for the 
 from jobs.keys import FactsCache, local_environment
 from jobs.lock import StoreLock
 from jobs.manifest import Manifest, blank_row, now_iso
-from jobs.plan import Unit, conversion_jobs, make_plan, split_by_precision
+from jobs.plan import Unit, jobs_for, make_plan
 from jobs.progress import Progress
 from jobs.publish import intact_record
 from jobs.sources import SourceHasher, search_path
@@ -225,10 +225,8 @@ class _Run:
 
     def _fan_out(self, todo: list[Unit]) -> None:
         self._start_ray()
-        models = len({u.spec.name for u in todo})
-        jobs = conversion_jobs(todo, self.manifest, self.store.uri, self.result.run_id,
-                               force=self.opts.force,
-                               per_precision=split_by_precision(models, fanout.cluster_cpus()))
+        jobs = jobs_for(todo, self.manifest, self.store.uri, self.result.run_id,
+                        fanout.cluster_cpus(), force=self.opts.force)
         reasons = {(u.spec.name, u.precision): u.reason for u in todo}
         self.progress = self.progress or Progress(len(todo))
         local_env = None if self.result.ray_mode == "joined" else local_environment(self.search)

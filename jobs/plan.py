@@ -5,12 +5,13 @@ importing torch or starting Ray, so a run with nothing to do is quick. A row who
 calibration data cannot be hashed is failed here, named, and never converted, adopted or
 published: its key would not say what it was made from. The rows left to convert become one
 ``ConversionJob`` per model (all its precisions: the checkpoint is loaded and the fp32 reference
-computed once), or per (model, precision) when there are more CPUs than models, ordered longest
-first. Must not import ray, click or torch.
+computed once), or per (model, precision) when that is expected to finish sooner on the CPUs there
+are (``jobs_for``), ordered longest first. Must not import ray, click or torch.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 from jobs import layout
@@ -32,6 +33,11 @@ FIDELITY_ROWS = 64       # held-out rows after the calibration rows, for SQNR / 
 # depends on it. A checkpoint whose tensors cannot be counted is taken to hold 3 per MB.
 ESTIMATE_S = {"fp16": (0.5, 0.006, 0.0015), "int8": (1.0, 0.005, 0.005)}
 TENSORS_PER_MB_UNKNOWN = 3.0
+# A job per (model, precision) loads the checkpoint and computes the fp32 reference itself: on the
+# benchmark zoo such jobs take 1.19x the jobs per model in all (47.5 s against 40.0 s at one CPU).
+SPLIT_EXTRA = 0.19
+# Split only when that is expected to shorten the run by more than this share: it costs CPU.
+SPLIT_MIN_GAIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -198,9 +204,9 @@ def conversion_jobs(units: list[Unit], manifest: Manifest, store_uri: str, run_i
                     *, force: bool = False, per_precision: bool = False) -> list[ConversionJob]:
     """One job per model with rows to convert, longest expected first.
 
-    ``per_precision``: one job per (model, precision) instead, for when there are more CPUs than
-    models (``split_by_precision``): each job then loads the model and computes the reference
-    itself, but the longest job, which bounds the run, is shorter.
+    ``per_precision``: one job per (model, precision) instead (see ``jobs_for``): each job then
+    loads the model and computes the reference itself, but the longest job, which can bound the
+    run, is shorter.
     """
     by_model: dict[tuple, list[Unit]] = {}
     for unit in units:
@@ -216,9 +222,34 @@ def conversion_jobs(units: list[Unit], manifest: Manifest, store_uri: str, run_i
     return sorted(jobs, key=lambda j: -j.estimate_s)
 
 
-def split_by_precision(models: int, cpus: int) -> bool:
-    """Fewer models than CPUs: one job per model would leave CPUs idle while the longest models
-    finish, so each precision gets its own job. They are shorter (the longest of the benchmark
-    zoo: 2.9 s against 3.8 s at one thread) but each loads the model and computes the reference
-    again (+18% CPU there), which only pays with CPUs to spare (docs/performance.md)."""
-    return models < cpus
+def jobs_for(units: list[Unit], manifest: Manifest, store_uri: str, run_id: str, cpus: int,
+             *, force: bool = False) -> list[ConversionJob]:
+    """``conversion_jobs`` per model, or per (model, precision) where ``split_by_precision``
+    expects those to finish sooner on ``cpus`` CPUs."""
+    whole = conversion_jobs(units, manifest, store_uri, run_id, force=force)
+    split = conversion_jobs(units, manifest, store_uri, run_id, force=force, per_precision=True)
+    if len(split) > len(whole) and split_by_precision(
+            [j.estimate_s for j in whole], [j.estimate_s for j in split], cpus):
+        return split
+    return whole
+
+
+def split_by_precision(whole_s: list[float], split_s: list[float], cpus: int) -> bool:
+    """Whether one job per (model, precision) is expected to end the run sooner than one job per
+    model: their longest-first makespans on ``cpus`` CPUs, each split job taking ``SPLIT_EXTRA``
+    more for the load and reference it repeats. ``split_s`` are the split jobs' estimates (the
+    last run's rows: each carries half its model's shared work). Splitting pays when the longest
+    models would otherwise end the run alone: with about as many CPUs as models or more (16
+    models on 16 CPUs: 3.5 s against 4.1 s on the benchmark zoo), not with fewer (on 12: 4.5
+    against 4.2)."""
+    split = lpt_makespan([s * (1 + SPLIT_EXTRA) for s in split_s], cpus)
+    return split < lpt_makespan(whole_s, cpus) * (1 - SPLIT_MIN_GAIN)
+
+
+def lpt_makespan(seconds: list[float], cpus: int) -> float:
+    """Makespan of jobs of ``seconds`` on ``cpus`` identical CPUs, longest first, each to the CPU
+    that frees first (what the fan-out's window does)."""
+    free = [0.0] * max(1, cpus)
+    for d in sorted(seconds, reverse=True):
+        heapq.heapreplace(free, free[0] + d)
+    return max(free)

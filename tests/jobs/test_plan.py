@@ -237,7 +237,7 @@ def jobs_label(units) -> str:
 
 
 def test_with_cpus_to_spare_each_precision_is_its_own_job():
-    from jobs.plan import Unit, split_by_precision
+    from jobs.plan import Unit, jobs_for
 
     units = [Unit(replace(SPEC, name=n), p, "convert", "new", "i" * 64, None,
                   Source(f"/{n}.pt", "s" * 64, 2**20))
@@ -248,8 +248,20 @@ def test_with_cpus_to_spare_each_precision_is_its_own_job():
         ("a", ["fp16"]), ("a", ["int8"]), ("b", ["fp16"]), ("b", ["int8"])]
     assert split[0].precisions[0].precision == "int8"        # the longer half first
     assert [j.label for j in split[:2]] == ["a.int8", "b.int8"] and jobs_label(units) == "a"
-    assert [split_by_precision(16, c) for c in (2, 8, 16, 17, 32)] == [
-        False, False, False, True, True]
+    assert [len(jobs_for(units, Manifest(), "/out", "r", cpus)) for cpus in (1, 2, 3, 4, 32)] == [
+        2, 2, 4, 4, 4]      # estimates fp16 0.51 s, int8 1.02 s: on 3 CPUs ~1.2 s split, 1.5 whole
+
+
+def test_precisions_are_split_only_when_that_ends_the_run_sooner():
+    from jobs.plan import lpt_makespan, split_by_precision
+
+    assert lpt_makespan([2, 3, 2, 3, 2], 2) == 7 and lpt_makespan([5, 1], 8) == 5
+    assert split_by_precision([4, 4], [3, 1, 3, 1], 32)                   # 3.57 s against 4
+    assert split_by_precision([8, 2, 2, 2], [6, 2] + [1.5, 0.5] * 3, 4)   # one long model: 7.14 / 8
+    assert not split_by_precision([4] * 16, [3, 1] * 16, 16)   # equal models: 4.76 s against 4
+    assert not split_by_precision([4] * 16, [3, 1] * 16, 2)
+    assert not split_by_precision([4, 4], [3.9, 0.1] * 2, 32)  # the repeated load eats it: 4.64
+    assert not split_by_precision([4, 4], [3.3, 0.7] * 2, 32)  # 3.93: under the 5 % it must gain
 
 
 @pytest.mark.parametrize("free, waiting, cap, expected", [
