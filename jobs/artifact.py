@@ -23,6 +23,7 @@ import quantizer
 from jobs import layout
 from jobs.publish import intact_record, publish_dir, stored_files
 from jobs.store import Store
+from quantizer.torchscript import BRANCH_CHECK_ROWS
 
 PUBLISHED_FIELDS = ("artifact_uri", "artifact_sha256", "artifact_bytes", "size_ratio", "files")
 SENSITIVITY_FILE = "sensitivity.json"
@@ -52,8 +53,9 @@ def publish(job, pj, key: str, converted, ref, fp32_bytes: int, store: Store,
     """Write and publish the artifact of one precision; returns the row's artifact fields."""
     example = None if ref is None else ref.x[:1]
     stored_recipe = recipe(job, pj.precision, key, converted, example)
+    rows = None if ref is None else ref.x[1:1 + BRANCH_CHECK_ROWS]
     if example is not None and pj.precision == "fp16":
-        example = example.half()
+        example, rows = example.half(), rows.half()
     folder = layout.artifact_dir(job.name, pj.precision, key)
     replace = pj.replace
     if not replace:
@@ -64,7 +66,7 @@ def publish(job, pj, key: str, converted, ref, fp32_bytes: int, store: Store,
         replace = store.exists(layout.record_path(job.name, pj.precision, key))
     tmp = tempfile.mkdtemp(prefix="quantize-all-")
     try:
-        files = quantizer.save_artifact(converted, tmp, stored_recipe, example)
+        files = quantizer.save_artifact(converted, tmp, stored_recipe, example, check_rows=rows)
         if sensitivity:
             files.append(_write_json(tmp, SENSITIVITY_FILE, sensitivity))
         kept = publish_dir(store, tmp, folder, replace=replace)

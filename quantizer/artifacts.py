@@ -119,7 +119,8 @@ def _model_bytes(model: nn.Module, folder: str, recipe: dict) -> bytes:
     return buf.getvalue()
 
 
-def save_artifact(model: nn.Module, folder, recipe: dict, example_inputs) -> list[dict]:
+def save_artifact(model: nn.Module, folder, recipe: dict, example_inputs, *,
+                  check_rows: torch.Tensor | None = None) -> list[dict]:
     """Write ``model.pt``, ``recipe.json`` and ``model.torchscript.pt`` into a local folder.
 
     ``model.pt`` holds ``{"format", "format_version", "recipe", "state_dict", "packed_weights",
@@ -139,6 +140,9 @@ def save_artifact(model: nn.Module, folder, recipe: dict, example_inputs) -> lis
         recipe: JSON-only dict: precision, factory, kwargs, input_shape, input_dtype, optional
             ``forward_kwargs`` (passed on every call), backend, observer, versions.
         example_inputs: a tensor (or tuple) to trace the TorchScript copy with.
+        check_rows: more inputs like the example, as one batch: where the forward branches on
+            tensor values, the TorchScript copy must agree with the model on each of (up to 16
+            of) them too, or it is not written (``quantizer.torchscript``).
 
     Returns:
         ``[{"path", "sha256", "bytes"}, ...]`` for every file written, paths relative to folder.
@@ -155,7 +159,8 @@ def save_artifact(model: nn.Module, folder, recipe: dict, example_inputs) -> lis
     _write_atomic(os.path.join(folder, "model.pt"), model_pt)
     try:
         _write_atomic(os.path.join(folder, TORCHSCRIPT_FILE),
-                      torchscript_bytes(model, example_inputs, forward_kwargs_of(recipe)))
+                      torchscript_bytes(model, example_inputs, forward_kwargs_of(recipe),
+                                        check_rows))
         written.append(TORCHSCRIPT_FILE)
     except Exception as exc:  # noqa: BLE001  (the TorchScript copy never fails the artifact)
         if os.path.exists(stale := os.path.join(folder, TORCHSCRIPT_FILE)):

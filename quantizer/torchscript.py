@@ -10,12 +10,18 @@ packed weights, named by their dotted paths with ``_`` for ``.`` (``layer1.0.con
 itself builds a script module for every submodule it reaches, which costs 3-5x the forward on the
 benchmark zoo (ResNet-18 int8: 0.18 s against 0.035 s flat); the graph and outputs are the same.
 A model holding TorchScript submodules, or any the flat trace refuses, is traced as it stands.
+
+A trace keeps the branch the example took wherever the forward turns a tensor into a Python bool
+(``if x.mean() > t:``). When the model's own code does that (torch's own shape checks do it too and
+are ignored), the copy must also agree with the module on ``check_rows``, one row at a time, or it
+is refused: a copy that is right only for inputs like the example is not shipped.
 Must not import torch.ao, ray, click or ``jobs``.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from typing import Any
 
@@ -24,6 +30,12 @@ from torch import nn
 
 from quantizer.errors import ArtifactError
 from quantizer.fidelity import flatten_outputs
+
+# Rows of ``check_rows`` a copy with a branch on the data is checked on, one at a time: a branch
+# each row takes with probability p escapes all of them with p ** 16 (0.55 ** 16 = 7e-5).
+BRANCH_CHECK_ROWS = 16
+_BOOL_WARNING = "Converting a tensor to a Python boolean"
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 class _WithKwargs(nn.Module):
@@ -75,7 +87,8 @@ class Flattened(nn.Module):
         return self._model(*inputs, **self.forward_kwargs)
 
 
-def _check_copy(traced: Any, model: nn.Module, example: tuple) -> None:
+def _check_copy(traced: Any, model: nn.Module, example: tuple, what: str = "the example input",
+                branches: tuple[str, ...] = ()) -> None:
     """The traced copy must give the module's outputs on the example (fp16 within 1e-3). The
     copy's graph runs as traced: the executor's first-run profiling, which only pays off over
     many calls, would double the check's cost."""
@@ -86,14 +99,24 @@ def _check_copy(traced: Any, model: nn.Module, example: tuple) -> None:
         g.shape == w.shape and g.dtype == w.dtype and torch.allclose(
             g, w, rtol=0, atol=1e-3 if w.dtype == torch.float16 else 0, equal_nan=True)
         for g, w in zip(got, want))
+    if not same and branches:
+        raise ArtifactError(f"the traced copy's outputs differ from the module's on {what}: the "
+                            f"forward branches on tensor values ({', '.join(branches)}), and a "
+                            f"trace keeps only the branch the example took")
     if not same:
-        raise ArtifactError("the traced copy's outputs differ from the module's on the example "
-                            "input (data-dependent control flow?)")
+        raise ArtifactError(f"the traced copy's outputs differ from the module's on {what} "
+                            f"(data-dependent control flow?)")
 
 
 def torchscript_bytes(model: nn.Module, example_inputs: Any,
-                      forward_kwargs: dict[str, Any] | None = None) -> bytes:
+                      forward_kwargs: dict[str, Any] | None = None,
+                      check_rows: torch.Tensor | None = None) -> bytes:
     """``torch.jit.save`` bytes of ``model`` traced on ``example_inputs``.
+
+    Args:
+        check_rows: a batch of inputs like the example (a single-input model's). When the forward
+            branches on tensor values, the copy is checked on up to ``BRANCH_CHECK_ROWS`` of them,
+            each alone (see the module docstring); otherwise not used.
 
     Raises:
         ArtifactError: no example input, or the traced copy disagrees with the module.
@@ -103,10 +126,15 @@ def torchscript_bytes(model: nn.Module, example_inputs: Any,
         raise ArtifactError("no example input to trace with (no calibration data for this model)")
     example = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     target = _WithKwargs(model, forward_kwargs).eval() if forward_kwargs else model
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")     # TracerWarnings and torch.jit deprecation notes
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("ignore")     # torch.jit deprecation notes, other TracerWarnings
+        warnings.filterwarnings("always", _BOOL_WARNING, torch.jit.TracerWarning)
         traced = _trace(model, forward_kwargs or {}, target, example)
-        _check_copy(traced, target, example)
+        branches = _branches(caught)
+        _check_copy(traced, target, example, branches=branches)
+        if branches and check_rows is not None and len(example) == 1:
+            for i in range(min(BRANCH_CHECK_ROWS, len(check_rows))):
+                _check_copy(traced, target, (check_rows[i:i + 1],), f"check row {i}", branches)
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
     return buf.getvalue()
@@ -126,3 +154,11 @@ def _trace(model: nn.Module, forward_kwargs: dict[str, Any], target: nn.Module,
         except Exception:  # noqa: BLE001  (the plain trace below raises what is wrong, if it is)
             pass
     return torch.jit.trace(target, example, check_trace=False)
+
+
+def _branches(caught: list) -> tuple[str, ...]:
+    """Where the model's own code turned a tensor into a Python bool during the trace."""
+    return tuple(dict.fromkeys(
+        f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
+        if issubclass(w.category, torch.jit.TracerWarning) and str(w.message).startswith(
+            _BOOL_WARNING) and not os.path.abspath(w.filename).startswith(_TORCH_DIR)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from urllib.parse import urlsplit
 
 import pytest
@@ -80,6 +81,22 @@ def test_artifacts_reload_and_match_the_manifest(converted, demo_dir):
         if precision == "fp16":
             floats = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
             assert floats and all(t.dtype == torch.float16 for t in floats)
+
+
+def test_only_the_model_that_branches_on_its_data_ships_without_a_torchscript_copy(converted):
+    for (name, precision), row in rows_by_key(converted[0]).items():
+        if row["status"] != "ok":
+            continue
+        paths = [f["path"] for f in row["files"]]
+        recipe = json.loads(open(os.path.join(os.path.dirname(local_path(row["artifact_uri"])),
+                                              "recipe.json")).read())
+        if name != "gated-cnn":
+            assert "model.torchscript.pt" in paths and "torchscript_error" not in recipe, name
+            continue
+        # its first held-out row takes one block; a trace would run that block for every input
+        assert "model.torchscript.pt" not in paths
+        assert re.search(r"differ from the module's on check row \d+: the forward branches on "
+                         r"tensor values \(models\.py:\d+\)", recipe["torchscript_error"])
 
 
 def _check_outputs_match_measurement(model, row, demo_dir):

@@ -112,3 +112,58 @@ def test_a_model_holding_a_torchscript_submodule_is_traced_as_it_stands():
 def test_no_example_is_an_artifact_error(nested):
     with pytest.raises(ArtifactError, match="no example input"):
         torchscript_bytes(nested[0], None)
+
+
+class _Branchy(nn.Module):
+    """Branches on the data: inputs with a positive mean go through one layer, others the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.up(x)
+        return self.down(x)
+
+
+class _Recurrent(nn.Module):
+    """torch's LSTM checks its hidden state's shape with a tensor comparison while traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[1][0][-1]
+
+
+def test_a_copy_that_froze_a_branch_on_the_data_is_refused():
+    torch.manual_seed(2)
+    model, example = _Branchy().eval(), torch.ones(1, 4)      # the example takes "up"
+    rows = torch.cat([torch.ones(3, 4), -torch.ones(1, 4)])   # row 3 takes "down"
+    with pytest.raises(ArtifactError, match=r"on check row 3: the forward branches on tensor "
+                                            r"values \(test_torchscript\.py:\d+\)"):
+        torchscript_bytes(model, example, check_rows=rows)
+    kept = _load(torchscript_bytes(model, example, check_rows=2 * torch.ones(5, 4)))
+    with torch.no_grad():
+        assert torch.equal(kept(torch.ones(2, 4)), model(torch.ones(2, 4)))
+        assert not torch.equal(kept(-torch.ones(1, 4)), model(-torch.ones(1, 4)))   # why
+
+
+def test_only_the_models_own_branches_count():
+    import warnings
+
+    from quantizer.torchscript import _BOOL_WARNING, _branches
+
+    def traced_warnings(model, x):
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.filterwarnings("always", _BOOL_WARNING, torch.jit.TracerWarning)
+            torch.jit.trace(model, x, check_trace=False)
+        return caught
+
+    lstm = traced_warnings(_Recurrent().eval(), torch.randn(2, 5, 4))
+    assert [w for w in lstm if _BOOL_WARNING in str(w.message)]   # torch's own shape check
+    assert _branches(lstm) == ()
+    branchy = _branches(traced_warnings(_Branchy().eval(), torch.ones(1, 4)))
+    assert len(branchy) == 1 and branchy[0].startswith("test_torchscript.py:")
