@@ -23,6 +23,7 @@ import quantizer
 from jobs import layout
 from jobs.publish import intact_record, publish_dir, stored_files
 from jobs.store import Store
+from quantizer.artifacts import TORCHSCRIPT_FILE
 from quantizer.torchscript import BRANCH_CHECK_ROWS
 
 PUBLISHED_FIELDS = ("artifact_uri", "artifact_sha256", "artifact_bytes", "size_ratio", "files")
@@ -50,7 +51,8 @@ def recipe(job, precision: str, key: str, converted, example) -> dict:
 
 def publish(job, pj, key: str, converted, ref, fp32_bytes: int, store: Store,
             sensitivity: dict | None = None) -> dict:
-    """Write and publish the artifact of one precision; returns the row's artifact fields."""
+    """Write and publish the artifact of one precision; returns the row's artifact fields, and
+    ``copy_note`` when the artifact has no TorchScript copy (saying why) for the row's notes."""
     example = None if ref is None else ref.x[:1]
     stored_recipe = recipe(job, pj.precision, key, converted, example)
     rows = None if ref is None else ref.x[1:1 + BRANCH_CHECK_ROWS]
@@ -67,6 +69,7 @@ def publish(job, pj, key: str, converted, ref, fp32_bytes: int, store: Store,
     tmp = tempfile.mkdtemp(prefix="quantize-all-")
     try:
         files = quantizer.save_artifact(converted, tmp, stored_recipe, example, check_rows=rows)
+        copy_note = _no_copy_note(tmp, files)
         if sensitivity:
             files.append(_write_json(tmp, SENSITIVITY_FILE, sensitivity))
         kept = publish_dir(store, tmp, folder, replace=replace)
@@ -79,7 +82,17 @@ def publish(job, pj, key: str, converted, ref, fp32_bytes: int, store: Store,
     main = next(f for f in files if f["path"] == layout.ARTIFACT_FILE)
     return {"artifact_uri": store.uri_of(f"{folder}/{layout.ARTIFACT_FILE}"),
             "artifact_sha256": main["sha256"], "artifact_bytes": main["bytes"],
-            "size_ratio": round(main["bytes"] / fp32_bytes, 4), "files": files}
+            "size_ratio": round(main["bytes"] / fp32_bytes, 4), "files": files,
+            "copy_note": copy_note}
+
+
+def _no_copy_note(folder: str, files: list[dict]) -> str | None:
+    """Why ``save_artifact`` wrote no TorchScript copy (its recipe says), in a line for the row."""
+    if any(f["path"] == TORCHSCRIPT_FILE for f in files):
+        return None
+    with open(os.path.join(folder, "recipe.json")) as f:
+        why = str(json.load(f).get("torchscript_error") or "not recorded")
+    return f"no TorchScript copy: {why.splitlines()[0][:300]}"
 
 
 def _write_json(folder: str, name: str, doc) -> dict:

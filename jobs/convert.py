@@ -276,6 +276,7 @@ def _one(job, pj, key, model, data, ref, out: dict, where: _Where) -> dict:
     out["notes"] += flags.flag_texts(dict(out, precision=pj.precision))
     out.update(artifact.publish(job, pj, key, converted, ref, out["fp32_bytes"], where.store,
                                 made.sensitivity))
+    out["notes"].append(out.pop("copy_note", None))
     return out
 
 

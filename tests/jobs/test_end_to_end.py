@@ -92,9 +92,11 @@ def test_only_the_model_that_branches_on_its_data_ships_without_a_torchscript_co
                                               "recipe.json")).read())
         if name != "gated-cnn":
             assert "model.torchscript.pt" in paths and "torchscript_error" not in recipe, name
+            assert "TorchScript" not in (row["notes"] or ""), name
             continue
         # its first held-out row takes one block; a trace would run that block for every input
         assert "model.torchscript.pt" not in paths
+        assert "no TorchScript copy: ArtifactError: the traced copy's outputs differ" in row["notes"]
         assert re.search(r"differ from the module's on check row \d+: the forward branches on "
                          r"tensor values \(models\.py:\d+\)", recipe["torchscript_error"])
 
