@@ -27,7 +27,6 @@ import torch
 
 import quantizer
 from jobs import artifact, flags, layout, measure, tune
-from jobs.artifact import PUBLISHED_FIELDS  # noqa: F401  (re-exported)
 from jobs.keys import content_key
 from jobs.manifest import blank_row, now_iso
 from jobs.plan import ConversionJob, PrecisionJob

@@ -28,7 +28,8 @@ SLOW_TEXT = "SLOWER than fp32"
 LOW_TEXT = "LOW FIDELITY"
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """A finite float, or None for null, NaN, inf, booleans and anything non-numeric."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
@@ -36,17 +37,17 @@ def _number(value: Any) -> float | None:
 
 def is_slow_int8(row: dict) -> bool:
     """An int8 row that measured a speedup below 1.0 (slower than its fp32 source)."""
-    speedup = _number(row.get("speedup"))
+    speedup = finite_number(row.get("speedup"))
     return row.get("precision") == "int8" and speedup is not None and speedup < 1.0
 
 
 def worst_fidelity(row: dict) -> tuple[str, float] | None:
     """(what, dB) of the lowest SQNR the row measured: ``SQNR`` over all outputs, or
     ``output N`` of a model with several outputs; None when nothing was measured."""
-    found = [("SQNR", _number(row.get("sqnr_db")))]
+    found = [("SQNR", finite_number(row.get("sqnr_db")))]
     outputs = row.get("sqnr_db_outputs") or []
     if len(outputs) > 1:
-        found += [(f"output {i}", _number(v)) for i, v in enumerate(outputs)]
+        found += [(f"output {i}", finite_number(v)) for i, v in enumerate(outputs)]
     found = [(what, value) for what, value in found if value is not None]
     return min(found, key=lambda item: item[1]) if found else None
 

@@ -191,8 +191,8 @@ def fidelity(name: str, precision: str, ref: Reference, got: list[torch.Tensor],
     if not ref.finite:
         out["fidelity_note"] = "fp32 outputs are not finite on the held-out rows: SQNR not measured"
         return out
-    out["sqnr_db"] = _capped(quantizer.sqnr_db(want, got))
-    out["sqnr_db_outputs"] = [_capped(v) for v in quantizer.sqnr_db_per_output(want, got)]
+    out["sqnr_db"] = capped_db(quantizer.sqnr_db(want, got))
+    out["sqnr_db_outputs"] = [capped_db(v) for v in quantizer.sqnr_db_per_output(want, got)]
     if ref.top1 is None:
         shapes = ", ".join(str(list(t.shape[1:])) for t in ref.outputs)
         out["fidelity_note"] = (
@@ -204,7 +204,8 @@ def fidelity(name: str, precision: str, ref: Reference, got: list[torch.Tensor],
     return out
 
 
-def _capped(sqnr: float) -> float:
+def capped_db(sqnr: float) -> float:
+    """An SQNR the manifest can hold: within +-``SQNR_CAP_DB``."""
     return max(-SQNR_CAP_DB, min(SQNR_CAP_DB, float(sqnr)))
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from jobs.flags import LOW_FIDELITY_DB, is_low_fidelity, is_slow_int8, low_fidelity_text
-from jobs.report_charts import (LOW_TEXT, OTHER_COLOUR, PRECISION_COLOURS,  # noqa: F401
-                                SLOW_COLOUR, SLOW_TEXT, FLOAT_COLOUR, SensitivitySvg, _ChartSvg,
-                                _e, _fmt, _number)
+from jobs.flags import (LOW_FIDELITY_DB, finite_number, is_low_fidelity, is_slow_int8,
+                        low_fidelity_text)
+from jobs.report_charts import (FLOAT_COLOUR, LOW_TEXT, PRECISION_COLOURS, SLOW_COLOUR, SLOW_TEXT,
+                                SensitivitySvg, _ChartSvg, _e, _fmt)
 
 # (field, title, unit suffix, decimals) of each chart, in page order
 CHARTS = (
@@ -117,7 +117,7 @@ def _table_row(row: dict) -> str:
         if key == "error":
             cells.append(_error_cell(row))
         elif key in DECIMALS:
-            cells.append(_number_cell(key, _number(row.get(key)), flags.get(key),
+            cells.append(_number_cell(key, finite_number(row.get(key)), flags.get(key),
                                       low_fidelity_text(row) if flags.get(key) == LOW_TEXT else None))
         elif key == "float_layers":
             layers = row.get(key)
@@ -169,7 +169,7 @@ def _chart_section(rows: list[dict], metric: str, title: str, unit: str, decimal
     low = [r for r in rows if r.get("status") == "ok" and is_low_fidelity(r)] \
         if metric == "sqnr_db" else []
     if slow:
-        items = ", ".join(f"{_e(r.get('name'))} int8 ({_fmt(_number(r['speedup']), 2)}\u00d7)" for r in slow)
+        items = ", ".join(f"{_e(r.get('name'))} int8 ({_fmt(finite_number(r['speedup']), 2)}\u00d7)" for r in slow)
         note = f"\n<p class=\"flag slow-note\">\u26a0 {SLOW_TEXT}: {items}</p>"
     if low:
         items = "; ".join(f"{_e(r.get('name'))} {_e(low_fidelity_text(r))}" for r in low)

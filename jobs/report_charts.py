@@ -13,7 +13,7 @@ import html
 import math
 from typing import Any
 
-from jobs.flags import LOW_FIDELITY_DB, is_low_fidelity, is_slow_int8
+from jobs.flags import LOW_FIDELITY_DB, finite_number, is_low_fidelity, is_slow_int8
 
 PRECISION_COLOURS = {"fp16": "#3b75af", "int8": "#2a9d8f"}
 OTHER_COLOUR, SLOW_COLOUR = "#8d99ae", "#d62828"
@@ -24,13 +24,6 @@ LOW_TEXT = "low fidelity"
 
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, or None for null, NaN, inf, booleans and anything non-numeric."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _fmt(value: float, decimals: int) -> str:
@@ -66,7 +59,7 @@ class _ChartSvg:
         self.metric, self.unit, self.decimals = metric, unit, decimals
 
     def draw(self, groups: list[tuple[str, list[dict]]]) -> str:
-        values = [v for _, rs in groups for r in rs if (v := _number(r.get(self.metric))) is not None]
+        values = [v for _, rs in groups for r in rs if (v := finite_number(r.get(self.metric))) is not None]
         lo = min([0.0] + values)
         hi = max([1.0 if self.metric == "speedup" else 0.0] + values)
         self.step = _nice_step((hi - lo) / 4 if hi > lo else 0.25)
@@ -118,7 +111,7 @@ class _ChartSvg:
         return parts
 
     def _bar(self, row: dict, x: float) -> str:
-        value, precision = _number(row.get(self.metric)), str(row.get("precision"))
+        value, precision = finite_number(row.get(self.metric)), str(row.get("precision"))
         y0, cx = self._y(0.0), x + self.BAR / 2
         flagged, flag_text = _flagged(self.metric, row)
         mark = "\u26a0" if flagged else ""
@@ -150,7 +143,7 @@ class SensitivitySvg:
     def draw(self, row: dict) -> str:
         units = [u for u in row.get("sensitivity_top") or [] if isinstance(u, dict)]
         kept = set(row.get("float_layers") or [])
-        values = [v for u in units if (v := _number(u.get("sqnr_db"))) is not None]
+        values = [v for u in units if (v := finite_number(u.get("sqnr_db"))) is not None]
         self.hi = max(40.0, min(100.0, max(values, default=0.0)))
         height = self.TOP + self.ROW_H * max(1, len(units)) + 26
         width = self.LEFT + self.PLOT_W + self.RIGHT
@@ -167,7 +160,7 @@ class SensitivitySvg:
 
     def _bar(self, i: int, unit: dict, kept: bool) -> str:
         y, name = self.TOP + i * self.ROW_H, str(unit.get("name"))
-        value = _number(unit.get("sqnr_db"))
+        value = finite_number(unit.get("sqnr_db"))
         label = (f"<text x=\"{self.LEFT - 6}\" y=\"{y + 12}\" text-anchor=\"end\"><title>{_e(name)}"
                  f"</title>{_e(_shorten(name, 28))}</text>")
         if value is None:

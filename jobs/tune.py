@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 
 import quantizer
+from jobs.measure import capped_db
 from quantizer.tuning import Gate, TuningConfig
 
 # With a map_chunks, the pass is cut this fine; map_chunks regroups the pieces for the CPUs
 # that are free when it runs (the result does not depend on the grouping).
 MAX_CHUNKS = 64
-SQNR_CAP_DB = 300.0          # as jobs.measure: JSON has no infinity
 
 
 @dataclass
@@ -102,9 +102,9 @@ def _named(name: str, spec, error: quantizer.GateNotMetError) -> Exception:
 
 
 def _finite(value):
-    """A number the manifest can hold: capped at +-300 dB; None stays None."""
+    """A number the manifest can hold: capped as ``jobs.measure`` caps SQNR; None stays None."""
     if value is None or not isinstance(value, (int, float)):
         return value
     if math.isnan(value):
         return None
-    return max(-SQNR_CAP_DB, min(SQNR_CAP_DB, float(value)))
+    return capped_db(value)
