@@ -195,7 +195,13 @@ def test_sigkill_driver_then_resume(ray_local, six, tmp_path):
     for key in finished:
         assert by_key[key]["status"] == "skipped", by_key[key]
         assert ("up to date" if key in recorded else "interrupted") in by_key[key]["reason"]
-    assert sum(r["status"] == "ok" for r in summary["rows"]) == 10 - len(finished)
+    # Ray ends the dead driver's tasks a moment after the kill, so a task can publish in between:
+    # such a row is adopted like any interrupted one, never converted twice or lost
+    assert {r["status"] for r in summary["rows"]} <= {"ok", "skipped"}
+    late = {k for k, r in by_key.items() if r["status"] == "skipped"} - finished
+    for key in late:
+        assert "interrupted" in by_key[key]["reason"], by_key[key]
+    assert sum(r["status"] == "ok" for r in summary["rows"]) == 10 - len(finished) - len(late)
     assert cli(six, "--out", out, "--verify")[0] == 0
     assert not list(out.rglob(".tmp-*"))
     assert len(read_manifest(out)["rows"]) == 10
