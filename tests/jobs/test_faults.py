@@ -183,7 +183,11 @@ def test_driver_sigkill_then_rerun_converts_nothing_twice(cluster, tmp_path):
     for key in finished:
         expected = "up to date" if key in recorded else "interrupted"
         assert by_key[key]["status"] == "skipped" and expected in by_key[key]["reason"]
-    assert sum(r["status"] == "ok" for r in summary["rows"]) == 6 - len(finished)
+    # a task of the killed driver may publish before Ray ends it: adopted like the others
+    late = {k for k, r in by_key.items() if r["status"] == "skipped"} - finished
+    for key in late:
+        assert "interrupted" in by_key[key]["reason"], by_key[key]
+    assert sum(r["status"] == "ok" for r in summary["rows"]) == 6 - len(finished) - len(late)
     after = {str(p): (p.stat().st_ino, p.stat().st_mtime_ns)
              for p in (out / "artifacts").rglob("*") if p.is_file()}
     assert {p: after[p] for p in before if p in after} == before   # nothing rewritten
