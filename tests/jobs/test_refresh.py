@@ -20,6 +20,7 @@ from jobs.cli import main
 from jobs.zoo import load_zoo
 from tests.jobs.conftest import read_manifest, rows_by_key
 from tests.jobs.lock_race import crash_holding
+from tests.jobs.test_integrity import REPO, make_zoo
 
 # Six models whose every row converts: a refresh of it must skip everything.
 HEADER = """\
@@ -264,14 +265,30 @@ def _manifest_rows(out: Path) -> list:
         return []
 
 
-def test_ctrl_c_keeps_what_finished_and_releases_the_lock(ray_local, six, tmp_path):
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ctrl_c_keeps_what_finished_and_releases_the_lock(ray_local, tmp_path):
+    # "slow" waits 120 s at its gate, so Ctrl-C always lands while it converts (on a slow machine
+    # a zoo of quick models could finish before the signal)
+    marker = tmp_path / "slow.pid"
+    zoo = make_zoo(tmp_path / "zoo", {"a": {}, "b": {}, "slow": {
+        "kwargs": {"marker": str(marker), "seconds": 120}, "precisions": "[fp16]"}})
     out = tmp_path / "out"
-    proc = _spawn(six, out, ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", str(zoo), "--out", str(out), "--address",
+         ray_local.get_runtime_context().gcs_address, "--json"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     # Interrupt once the driver has collected a row (its periodic manifest write shows it): a
     # completion record on disk alone may not have reached the driver yet.
-    while not _manifest_rows(out) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
+    while not (_manifest_rows(out) and marker.exists()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -280,11 +297,19 @@ def test_ctrl_c_keeps_what_finished_and_releases_the_lock(ray_local, six, tmp_pa
     assert not (out / ".lock").exists()
     recorded = {(r["name"], r["precision"]) for r in read_manifest(out)["rows"]}
     assert recorded, "the rows that finished before Ctrl-C are in the manifest"
-    code, summary, _ = cli(six, "--out", out)
+    assert ("slow", "fp16") not in recorded
+    # the task still running stops with the command (README): its worker is gone
+    worker = int(marker.read_text())
+    deadline = time.monotonic() + 30
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), "the interrupted run's task is still running"
+    code, summary, _ = cli(zoo, "--out", out)
     assert code == 0
     again = {(r["name"], r["precision"]) for r in summary["rows"] if r["status"] == "ok"}
     # finished by the interrupted run after its last manifest write: adopted, not reconverted
     adopted = {(r["name"], r["precision"]) for r in summary["rows"]
                if r["status"] == "skipped" and "interrupted" in r["reason"]}
     assert not again & (recorded | adopted)                      # nothing converted twice
-    assert len(again | recorded | adopted) == 10
+    assert ("slow", "fp16") in again
+    assert len(again | recorded | adopted) == 5
