@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.jobs import fault_models as fm
-from tests.jobs.conftest import read_manifest
+from tests.jobs.conftest import assert_resumed, read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -179,15 +179,7 @@ def test_driver_sigkill_then_rerun_converts_nothing_twice(cluster, tmp_path):
     recorded = set(_rows(out)) if (out / "manifest.json").exists() else set()
     code, summary, stderr = _finish(_spawn(zoo, out, cluster))
     assert code == 0, stderr
-    by_key = {(r["name"], r["precision"]): r for r in summary["rows"]}
-    for key in finished:
-        expected = "up to date" if key in recorded else "interrupted"
-        assert by_key[key]["status"] == "skipped" and expected in by_key[key]["reason"]
-    # a task of the killed driver may publish before Ray ends it: adopted like the others
-    late = {k for k, r in by_key.items() if r["status"] == "skipped"} - finished
-    for key in late:
-        assert "interrupted" in by_key[key]["reason"], by_key[key]
-    assert sum(r["status"] == "ok" for r in summary["rows"]) == 6 - len(finished) - len(late)
+    assert_resumed(summary["rows"], finished, recorded, 6)
     after = {str(p): (p.stat().st_ino, p.stat().st_mtime_ns)
              for p in (out / "artifacts").rglob("*") if p.is_file()}
     assert {p: after[p] for p in before if p in after} == before   # nothing rewritten

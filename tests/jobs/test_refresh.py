@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from jobs import driver
 from jobs.cli import main
 from jobs.zoo import load_zoo
-from tests.jobs.conftest import read_manifest, rows_by_key
+from tests.jobs.conftest import assert_resumed, read_manifest, rows_by_key
 from tests.jobs.lock_race import crash_holding
 from tests.jobs.test_integrity import REPO, make_zoo
 
@@ -173,7 +173,7 @@ def test_retired_model_is_marked_and_kept(ray_local, six, tmp_path):
 def _spawn(zoo, out, address) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", str(zoo), "--out", str(out), "--address", address,
-         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--json"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sigkill_driver_then_resume(ray_local, six, tmp_path):
@@ -192,17 +192,7 @@ def test_sigkill_driver_then_resume(ray_local, six, tmp_path):
     recorded = {(r["name"], r["precision"]) for r in _manifest_rows(out)}
     code, summary, _ = cli(six, "--out", out)
     assert code == 0
-    by_key = {(r["name"], r["precision"]): r for r in summary["rows"]}
-    for key in finished:
-        assert by_key[key]["status"] == "skipped", by_key[key]
-        assert ("up to date" if key in recorded else "interrupted") in by_key[key]["reason"]
-    # Ray ends the dead driver's tasks a moment after the kill, so a task can publish in between:
-    # such a row is adopted like any interrupted one, never converted twice or lost
-    assert {r["status"] for r in summary["rows"]} <= {"ok", "skipped"}
-    late = {k for k, r in by_key.items() if r["status"] == "skipped"} - finished
-    for key in late:
-        assert "interrupted" in by_key[key]["reason"], by_key[key]
-    assert sum(r["status"] == "ok" for r in summary["rows"]) == 10 - len(finished) - len(late)
+    assert_resumed(summary["rows"], finished, recorded, 10)
     assert cli(six, "--out", out, "--verify")[0] == 0
     assert not list(out.rglob(".tmp-*"))
     assert len(read_manifest(out)["rows"]) == 10
@@ -280,10 +270,7 @@ def test_ctrl_c_keeps_what_finished_and_releases_the_lock(ray_local, tmp_path):
     zoo = make_zoo(tmp_path / "zoo", {"a": {}, "b": {}, "slow": {
         "kwargs": {"marker": str(marker), "seconds": 120}, "precisions": "[fp16]"}})
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", str(zoo), "--out", str(out), "--address",
-         ray_local.get_runtime_context().gcs_address, "--json"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _spawn(zoo, out, ray_local.get_runtime_context().gcs_address)
     deadline = time.monotonic() + 120
     # Interrupt once the driver has collected a row (its periodic manifest write shows it): a
     # completion record on disk alone may not have reached the driver yet.
